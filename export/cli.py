@@ -1,0 +1,99 @@
+"""``invpt-export``: checkpoint -> verified ONNX plus its manifest."""
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from invpt.cli.common import Stopwatch, add_logging_args, add_model_args, human_size, run_main
+from invpt.export.onnx_export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
+
+_logger = logging.getLogger("invpt.export")
+
+EXAMPLES = """examples:
+  invpt-export --ckpt InvPT_pascal_vitLp16.pth.tar                 # config inferred -> InvPT_pascal_vitLp16.onnx
+  invpt-export --ckpt nyud.pth --out out/nyud.onnx --dynamic-batch
+  invpt-export --ckpt my.pth --config my_model.yaml --tasks semseg,depth --opset 19
+"""
+
+
+def default_out(ckpt: str) -> Path:
+    """``dir/name.pth.tar`` -> ``dir/name.onnx``."""
+    p = Path(ckpt)
+    name = p.name
+    for suffix in (".tar", ".pth", ".pt", ".ckpt", ".bin"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    return p.with_name(name + ".onnx")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="invpt-export",
+        description="Export an InvPT checkpoint to ONNX (one input 'image', one output per task), check the graph, "
+        "verify it against PyTorch with ONNX Runtime, and write a manifest (model.json) next to it.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_model_args(p)
+    g = p.add_argument_group("Output")
+    g.add_argument("--out", default=None, help="ONNX path (default: next to the checkpoint, <name>.onnx); the "
+                   "manifest goes to the same path with .json")
+    g.add_argument("--opset", type=int, default=DEFAULT_OPSET,
+                   help=f"ONNX opset, {MIN_OPSET}-{MAX_OPSET} (default {DEFAULT_OPSET}: TensorRT 10.3/JetPack 6 to 11.x)")
+    b = g.add_mutually_exclusive_group()
+    b.add_argument("--batch", type=int, default=1, help="static batch size (default 1)")
+    b.add_argument("--dynamic-batch", action="store_true", help="symbolic batch dimension 'batch' (H and W stay fixed)")
+    g.add_argument("--tasks", default=None,
+                   help="comma-separated subset of heads to export (e.g. semseg,depth); compute only other heads "
+                   "need is dropped. Default: all tasks")
+    g.add_argument("--external-data", choices=("auto", "always", "never"), default="auto",
+                   help="store weights in <file>.data: auto (over 1.8 GB), always, never")
+    g.add_argument("--no-simplify", action="store_true", help="skip onnxslim simplification")
+    g.add_argument("--preprocess", choices=("pad", "resize"), default="pad",
+                   help="preprocessing recorded in the manifest: pad (official evaluation, centred zero pad) or "
+                   "resize (official inference.py stretch)")
+    v = p.add_argument_group("Verification")
+    v.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime vs PyTorch parity check")
+    add_logging_args(p)
+    return p
+
+
+def _run(args: argparse.Namespace) -> int:
+    from invpt.export.pipeline import run_export
+
+    watch = Stopwatch()
+    out = Path(args.out) if args.out else default_out(args.ckpt)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    result = run_export(
+        args.ckpt,
+        out,
+        config=args.config,
+        opset=args.opset,
+        batch=args.batch,
+        dynamic_batch=args.dynamic_batch,
+        tasks=tasks,
+        verify=not args.no_verify,
+        simplify=not args.no_simplify,
+        external_data=args.external_data,
+        preprocess_mode=args.preprocess,
+        command="invpt-export " + shlex.join(sys.argv[1:]),
+    )
+    m = result.manifest
+    verdict = "verified" if result.parity else "NOT verified (--no-verify)"
+    _logger.info("export ok %.1fs -> %s (%s), %s; manifest %s", watch.seconds, result.onnx_path,
+                 human_size(m.size_bytes), verdict, result.manifest_path)
+    _logger.info("next: invpt-quantize --onnx %s --precision fp16", result.onnx_path)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``invpt-export``; returns the exit code (0 ok, 2 bad input, 3 verification failed)."""
+    return run_main(_run, build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

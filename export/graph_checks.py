@@ -1,0 +1,89 @@
+"""Structural checks of an exported InvPT graph: checker, shape inference, op rules, Resize conformance."""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+from invpt.config import InvPTConfig
+from invpt.errors import ExportError
+
+_logger = logging.getLogger(__name__)
+
+FORBIDDEN_OPS = ("Einsum",)  # older TensorRT parsers reject it; newer ones restrict it
+
+
+@dataclass(frozen=True)
+class ResizeSite:
+    """One interpolate call site of the model as it appears in the graph."""
+
+    node: str
+    module: str
+    mode: str
+    coordinate_transformation_mode: str
+    output_hw: Optional[tuple[int, int]]
+
+
+def check_graph(path: str | os.PathLike) -> None:
+    """``onnx.checker`` (full, with strict shape inference) on a file; any failure becomes an ExportError."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as err:
+        raise ExportError(f"'{path}' fails onnx.checker (full check): {str(err).splitlines()[0][:400]}") from err
+    proto = onnx.load(str(path), load_external_data=False)
+    bad = sorted({n.op_type for n in proto.graph.node if n.op_type in FORBIDDEN_OPS})
+    if bad:
+        raise ExportError(f"'{path}' contains {bad}; the model must export attention as MatMul (no Einsum).")
+
+
+def expected_resize_sizes(cfg: InvPTConfig, tasks: Optional[tuple[str, ...]] = None) -> list[tuple[int, int]]:
+    """Output (H, W) of every bilinear resize of the deployed graph, derived from the spec.
+
+    One decoder-input resize (to H/32), then per task: three attention-output x2 (one per stage),
+    two message-passing x2 (stages 1, 2), two UpEmbed x2 (stages 1, 2); and per *output* task three
+    aggregation resizes to H/4 and the final upsample to (H, W).
+    """
+    tasks = tasks or cfg.tasks
+    g0, g1, g2 = cfg.stage_grids
+    q = [(g[0] // 2, g[1] // 2) for g in (g0, g1, g2)]
+    sizes = [g0]
+    for _ in cfg.tasks:
+        sizes += [g0, g1, g2]  # attention output back to stage resolution
+        sizes += [q[1], q[2]]  # message passing onto the next stage's query grid
+        sizes += [g1, g2]  # UpEmbed
+    for _ in tasks:
+        sizes += [cfg.feature_size] * 3 + [tuple(cfg.image_size)]
+    return sorted(tuple(s) for s in sizes)
+
+
+def resize_sites(path: str | os.PathLike) -> list[ResizeSite]:
+    """Every Resize node with its attributes and inferred output spatial size."""
+    import onnx
+    from onnx import helper, shape_inference
+
+    proto = onnx.load(str(path), load_external_data=False)
+    inferred = shape_inference.infer_shapes(proto)
+    shapes = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
+        dims = vi.type.tensor_type.shape.dim
+        shapes[vi.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in dims)
+    sites = []
+    for n in proto.graph.node:
+        if n.op_type != "Resize":
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        shp = shapes.get(n.output[0])
+        hw = tuple(shp[-2:]) if shp and len(shp) == 4 and None not in shp[-2:] else None
+        sites.append(
+            ResizeSite(
+                node=n.name,
+                module=n.name.rsplit("/", 1)[0],
+                mode=attrs.get("mode", b"nearest").decode(),
+                coordinate_transformation_mode=attrs.get("coordinate_transformation_mode", b"half_pixel").decode(),
+                output_hw=hw,
+            )
+        )
+    return sites

@@ -1,0 +1,233 @@
+"""The export stage end to end: checkpoint -> ONNX -> checks -> parity verification -> manifest.
+
+Everything is produced in a staging folder next to the output and moved into place only when every
+step succeeded (external data first, then the manifest, the ONNX file last), so a failed export leaves
+no file behind.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from invpt.config import ConfigLike
+from invpt.errors import ExportError, VerificationError
+from invpt.manifest import (
+    Manifest,
+    Preprocessing,
+    io_for_config,
+    manifest_path_for,
+    now_iso,
+    sha256_file,
+    tool_versions,
+)
+from invpt.export.graph_checks import check_graph, expected_resize_sizes, resize_sites
+from invpt.export.onnx_export import (
+    DEFAULT_OPSET,
+    check_opset,
+    ExternalData,
+    export_onnx,
+    external_data_files,
+    op_census,
+    save_onnx,
+)
+from invpt.export.ort import ort_session, run_session
+from invpt.export.parity import FP32_TOLERANCE, ParityReport, Tolerance, compare_outputs
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ExportResult:
+    onnx_path: Path
+    manifest_path: Path
+    manifest: Manifest
+    parity: Optional[ParityReport]
+
+
+def verification_batches(batch: int, dynamic_batch: bool) -> list[int]:
+    """Batch sizes to verify: 1 and 3 for a dynamic-batch model, else the static batch."""
+    return [1, 3] if dynamic_batch else [batch]
+
+
+def verify_onnx(
+    model: torch.nn.Module,
+    onnx_path: str | os.PathLike,
+    batches: Sequence[int],
+    tasks: Sequence[str],
+    tol: Tolerance = FP32_TOLERANCE,
+    seed: int = 0,
+    images: Optional[np.ndarray] = None,
+) -> ParityReport:
+    """Run the same inputs through PyTorch and ONNX Runtime (CPU) and compare every task.
+
+    Inputs are seeded standard-normal tensors (the normalised-image range) of each batch size in
+    ``batches``, plus ``images`` (already preprocessed [N, 3, H, W]) when given.
+    """
+    h, w = model.cfg.image_size
+    rng = np.random.default_rng(seed)
+    feeds = [rng.standard_normal((b, 3, h, w), dtype=np.float32) for b in batches]
+    if images is not None and len(images):
+        feeds += [images[i:i + 1] for i in range(len(images))]
+    session = ort_session(onnx_path)
+    ref: dict[str, list[np.ndarray]] = {t: [] for t in tasks}
+    got: dict[str, list[np.ndarray]] = {t: [] for t in tasks}
+    for x in feeds:
+        with torch.no_grad():
+            out = model(torch.from_numpy(x), tasks=tasks)
+        ort_out = run_session(session, {"image": x}, tasks)
+        for t in tasks:
+            ref[t].append(out[t].numpy())
+            got[t].append(ort_out[t])
+    specs = [s for s in model.cfg.task_specs if s.name in tasks]
+    return compare_outputs(
+        {t: np.concatenate(v) for t, v in ref.items()}, {t: np.concatenate(v) for t, v in got.items()}, specs, tol
+    )
+
+
+def _simplify(path: Path) -> Optional[dict]:
+    """Run onnxslim in place when it makes the graph smaller; returns node counts, or None if skipped."""
+    import onnx
+
+    try:
+        import onnxslim
+    except ImportError:
+        _logger.info("onnxslim not installed: graph simplification skipped")
+        return None
+    ext = bool(external_data_files(path))
+    proto = onnx.load(str(path))
+    before = len(proto.graph.node)
+    try:
+        slim = onnxslim.slim(proto)
+    except Exception as err:  # a simplifier bug must not fail the export; the unsimplified graph is valid
+        _logger.warning("onnxslim failed (%s); keeping the unsimplified graph", err)
+        return None
+    after = len(slim.graph.node)
+    if after >= before:
+        return {"applied": False, "nodes_before": before, "nodes_after": after}
+    for data in external_data_files(path):
+        (path.parent / data).unlink()
+    save_onnx(slim, path, ext)
+    return {"applied": True, "nodes_before": before, "nodes_after": after}
+
+
+def run_export(
+    ckpt: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    config: Optional[ConfigLike] = None,
+    opset: int = DEFAULT_OPSET,
+    batch: int = 1,
+    dynamic_batch: bool = False,
+    tasks: Optional[Sequence[str]] = None,
+    verify: bool = True,
+    simplify: bool = True,
+    external_data: ExternalData = "auto",
+    preprocess_mode: str = "pad",
+    tolerance: Tolerance = FP32_TOLERANCE,
+    verify_images: Optional[np.ndarray] = None,
+    command: Optional[str] = None,
+) -> ExportResult:
+    """Export a checkpoint to a verified ONNX file plus its manifest. See ``invpt-export --help``.
+
+    Raises:
+        CheckpointError, ConfigError: bad checkpoint or config.
+        ExportError: export or graph checks failed.
+        VerificationError: ONNX Runtime disagrees with PyTorch beyond ``tolerance`` (nothing is written).
+    """
+    from invpt import load_model
+
+    out = Path(out)
+    check_opset(opset)
+    if batch < 1:
+        raise ExportError(f"--batch must be >= 1, got {batch}.")
+    model = load_model(ckpt, config=config, fused_attn=False)
+    cfg = model.cfg
+    tasks = tuple(model._resolve_tasks(tasks))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging.", dir=out.parent))
+    except OSError as err:
+        raise ExportError(f"Cannot write to '{out.parent}' ({err.strerror}). Choose a writable --out location.") from err
+    try:
+        onnx_tmp = staging / out.name
+        meta = {"invpt.config": json.dumps(cfg.to_dict()), "invpt.tasks": ",".join(tasks)}
+        _logger.info("exporting %s (%s, %dx%d, tasks %s) at opset %d", cfg.name or cfg.dataset, ckpt,
+                     *cfg.image_size, ",".join(tasks), opset)
+        export_onnx(model, onnx_tmp, opset=opset, batch=batch, dynamic_batch=dynamic_batch, tasks=tasks,
+                    external_data=external_data, metadata=meta)
+        simplified = _simplify(onnx_tmp) if simplify else None
+        check_graph(onnx_tmp)
+        sites = resize_sites(onnx_tmp)
+        want = expected_resize_sizes(cfg, tasks)
+        got = sorted(s.output_hw for s in sites if s.output_hw)
+        if got != want or any(s.mode != "linear" for s in sites):
+            raise ExportError(
+                f"Resize conformance failed for '{out.name}': {len(sites)} Resize nodes with sizes {got[:6]}..., "
+                f"expected {len(want)} linear resizes with sizes {want[:6]}.... This is an exporter regression; "
+                "report it with your torch version."
+            )
+        parity = None
+        if verify:
+            parity = verify_onnx(model, onnx_tmp, verification_batches(batch, dynamic_batch), tasks, tolerance,
+                                 images=verify_images)
+            log = _logger.info if parity.passed else _logger.error
+            log("verification (ONNX Runtime CPU vs PyTorch):\n%s", parity.markdown())
+            if not parity.passed:
+                bad = {k: v.failures for k, v in parity.tasks.items() if not v.passed}
+                raise VerificationError(
+                    f"ONNX Runtime disagrees with PyTorch for {sorted(bad)} ({bad}); '{out}' was not written. "
+                    "Re-run with -v to see the table; if a custom tolerance is intended, set it explicitly."
+                )
+        import onnx
+
+        proto = onnx.load(str(onnx_tmp), load_external_data=False)
+        data_files = external_data_files(onnx_tmp)
+        size = onnx_tmp.stat().st_size + sum((staging / d).stat().st_size for d in data_files)
+        inputs, outputs = io_for_config(cfg, "batch" if dynamic_batch else batch, tasks)
+        ckpt_path = Path(ckpt)
+        manifest = Manifest(
+            artifact=out.name,
+            kind="onnx",
+            precision="fp32",
+            config=cfg.to_dict(),
+            inputs=inputs,
+            outputs=outputs,
+            preprocessing=Preprocessing(size=tuple(cfg.image_size), mode=preprocess_mode),
+            sha256=sha256_file(onnx_tmp),
+            size_bytes=size,
+            external_data=tuple(data_files),
+            parent={"kind": "checkpoint", "path": str(ckpt_path), "sha256": sha256_file(ckpt_path)},
+            export={
+                "exporter": "torch.onnx (dynamo)",
+                "opset": opset,
+                "batch": "dynamic" if dynamic_batch else batch,
+                "tasks": list(tasks),
+                "simplified": simplified,
+                "op_census": op_census(proto),
+                "resize_nodes": len(sites),
+            },
+            verification=parity.to_dict() if parity else None,
+            versions=tool_versions("onnx", "onnxruntime", "onnxscript", "onnxslim"),
+            command=command or " ".join(sys.argv),
+            created=now_iso(),
+        )
+        man_tmp = manifest_path_for(onnx_tmp)
+        manifest.save(man_tmp)
+        # Publish: data files, then the manifest, the ONNX file last.
+        for d in data_files:
+            os.replace(staging / d, out.parent / d)
+        os.replace(man_tmp, manifest_path_for(out))
+        os.replace(onnx_tmp, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return ExportResult(out, manifest_path_for(out), manifest, parity)
