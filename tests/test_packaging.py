@@ -1,0 +1,62 @@
+"""Packaging rules: code imports only invpt.* names, and lower stages never import higher ones."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = ["invpt", "export", "calib", "engines", "runtime"]  # lowest first
+NAMESPACE = {"invpt": "invpt", "export": "invpt.export", "calib": "invpt.calib", "engines": "invpt.engines", "runtime": "invpt.runtime"}
+BARE = ("export", "calib", "engines", "runtime")
+
+
+def _python_files():
+    for folder in [*STAGES, "tests", "bench"]:
+        yield from (REPO / folder).rglob("*.py")
+
+
+def _imports(path: Path):
+    tree = ast.parse(path.read_text(), filename=str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                yield node.lineno, a.name
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            yield node.lineno, node.module
+
+
+def test_no_bare_top_level_imports():
+    bad = [f"{p.relative_to(REPO)}:{line} imports {mod}" for p in _python_files() for line, mod in _imports(p)
+           if mod.split(".")[0] in BARE]
+    assert not bad, "import the invpt.* names instead:\n" + "\n".join(bad)
+
+
+def _stage_of_module(mod: str):
+    parts = mod.split(".")
+    if parts[0] != "invpt":
+        return None
+    if len(parts) > 1 and parts[1] in BARE:
+        return STAGES.index(parts[1])
+    return 0
+
+
+@pytest.mark.parametrize("folder", STAGES)
+def test_lower_stages_never_import_higher_ones(folder):
+    level = STAGES.index(folder)
+    bad = []
+    for p in (REPO / folder).rglob("*.py"):
+        for line, mod in _imports(p):
+            s = _stage_of_module(mod)
+            if s is not None and s > level:
+                bad.append(f"{p.relative_to(REPO)}:{line} imports {mod}")
+    assert not bad, f"{folder} is stage {level} and must not import higher stages:\n" + "\n".join(bad)
+
+
+def test_installed_namespace_maps_folders():
+    import importlib
+
+    for folder, name in NAMESPACE.items():
+        mod = importlib.import_module(name)
+        assert Path(mod.__file__).resolve().parent == (REPO / folder).resolve()
