@@ -1,0 +1,96 @@
+"""Data handling shared by inference, export verification and calibration.
+
+- :mod:`invpt.data.transforms`: the official pre-processing (normalise, then pad or resize) and its inverse.
+- :mod:`invpt.data.decode`: raw outputs to per-task maps (numpy only, for torch, ORT and TensorRT alike).
+- :mod:`invpt.data.visualize`: colour visuals, the side-by-side overview and atomic PNG writing.
+- :mod:`invpt.data.datasets`: the official split readers, image folders and videos behind one interface.
+"""
+from invpt.data.datasets import (
+    VIDEO_EXTENSIONS,
+    ImageFolderReader,
+    ImageListReader,
+    ImageSource,
+    NYUDReader,
+    PascalContextReader,
+    SplitReader,
+    VideoReader,
+    open_source,
+)
+from invpt.data.decode import (
+    decode,
+    decode_all,
+    decode_boundary,
+    decode_depth,
+    decode_labels,
+    decode_normals,
+    decode_saliency,
+    normals_to_uint8,
+    probability_to_uint8,
+    stable_sigmoid,
+    stable_softmax,
+)
+from invpt.data.transforms import (
+    IMAGE_EXTENSIONS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PadInfo,
+    normalize,
+    pad_to,
+    preprocess,
+    read_image,
+    resize_to,
+    restore_geometry,
+    restore_labels,
+)
+from invpt.data.visualize import (
+    colorize_depth,
+    colorize_labels,
+    colorize_normals,
+    colorize_probability,
+    overview,
+    save_png,
+    visualize,
+    voc_palette,
+)
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "VIDEO_EXTENSIONS",
+    "ImageFolderReader",
+    "ImageListReader",
+    "ImageSource",
+    "NYUDReader",
+    "PadInfo",
+    "PascalContextReader",
+    "SplitReader",
+    "VideoReader",
+    "colorize_depth",
+    "colorize_labels",
+    "colorize_normals",
+    "colorize_probability",
+    "decode",
+    "decode_all",
+    "decode_boundary",
+    "decode_depth",
+    "decode_labels",
+    "decode_normals",
+    "decode_saliency",
+    "normalize",
+    "normals_to_uint8",
+    "open_source",
+    "overview",
+    "pad_to",
+    "preprocess",
+    "probability_to_uint8",
+    "read_image",
+    "resize_to",
+    "restore_geometry",
+    "restore_labels",
+    "save_png",
+    "stable_sigmoid",
+    "stable_softmax",
+    "visualize",
+    "voc_palette",
+]

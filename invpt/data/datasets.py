@@ -1,0 +1,495 @@
+"""Image sources: the official dataset splits (spec §14), image folders and videos, behind one small interface.
+
+Calibration needs images only; training and evaluation will reuse the same readers for labels, so the split
+readers already report which label files exist for a sample (:meth:`SplitReader.sample`).
+
+Every source implements :class:`ImageSource`: ``len(src)``, ``src.ids()`` (stable string ids),
+``src.load(i)`` (``HxWx3`` uint8 RGB), ``src.strata(i)`` (a group name for stratified sampling) and
+``src.describe()``. :func:`open_source` picks the right reader for a path.
+"""
+from __future__ import annotations
+
+import abc
+import logging
+import math
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import cv2
+import numpy as np
+
+from invpt.data.transforms import IMAGE_EXTENSIONS, read_image
+from invpt.errors import ConfigError, InputError
+
+logger = logging.getLogger(__name__)
+
+VIDEO_EXTENSIONS: tuple[str, ...] = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv")
+
+
+class ImageSource(abc.ABC):
+    """A finite, indexable collection of RGB images with stable ids."""
+
+    @abc.abstractmethod
+    def __len__(self) -> int:
+        """Number of images."""
+
+    @abc.abstractmethod
+    def ids(self) -> list[str]:
+        """Stable string ids, one per image, in index order (used for output file names and manifests)."""
+
+    @abc.abstractmethod
+    def load(self, i: int) -> np.ndarray:
+        """Image ``i`` as ``HxWx3`` uint8 RGB."""
+
+    @abc.abstractmethod
+    def strata(self, i: int) -> str:
+        """Group of image ``i`` for stratified sampling (year prefix, subdirectory, video segment...)."""
+
+    @abc.abstractmethod
+    def describe(self) -> str:
+        """One line saying what this source is, for logs and manifests."""
+
+    def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
+        """Yield ``(id, image)`` for every image in order."""
+        for i, sid in enumerate(self.ids()):
+            yield sid, self.load(i)
+
+
+class ImageListReader(ImageSource):
+    """An explicit list of image files; ids are paths relative to ``root`` without extension.
+
+    If two files would get the same id (``a.jpg`` and ``a.png``), both keep their extension in the id.
+    """
+
+    def __init__(self, paths: Sequence[str | Path], root: str | Path | None = None) -> None:
+        self._paths = [Path(p) for p in paths]
+        self.root = Path(root) if root is not None else None
+        rel = [self._relative(p) for p in self._paths]
+        stems = [r.with_suffix("").as_posix() for r in rel]
+        counts: dict[str, int] = {}
+        for s in stems:
+            counts[s] = counts.get(s, 0) + 1
+        self._ids = [s if counts[s] == 1 else r.as_posix() for s, r in zip(stems, rel)]
+        self._rel = rel
+
+    def _relative(self, p: Path) -> Path:
+        if self.root is not None:
+            try:
+                return p.relative_to(self.root)
+            except ValueError:
+                pass
+        return Path(p.name)
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def ids(self) -> list[str]:
+        return list(self._ids)
+
+    def image_path(self, i: int) -> Path:
+        """Path of image ``i``."""
+        return self._paths[i]
+
+    def load(self, i: int) -> np.ndarray:
+        return read_image(self._paths[i])
+
+    def strata(self, i: int) -> str:
+        """The immediate subdirectory below ``root`` ("." for files directly in it)."""
+        parts = self._rel[i].parts
+        return parts[0] if len(parts) > 1 else "."
+
+    def describe(self) -> str:
+        where = f" under {self.root}" if self.root is not None else ""
+        return f"image list{where}: {len(self)} images"
+
+
+def _list_images(root: Path) -> list[Path]:
+    """Image files below ``root`` (recursive, case-insensitive extension, hidden entries skipped), sorted."""
+    found = []
+    for p in root.rglob("*"):
+        rel = p.relative_to(root)
+        if any(part.startswith(".") for part in rel.parts):
+            continue
+        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file():
+            found.append(p)
+    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+
+
+class ImageFolderReader(ImageListReader):
+    """All ``jpg/jpeg/png/bmp`` images below a directory, recursively, sorted by relative path.
+
+    Raises:
+        InputError: the directory does not exist or holds no images.
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        root = Path(root)
+        if not root.is_dir():
+            raise InputError(
+                f"Image folder '{root}' does not exist or is not a directory. Pass a directory containing "
+                f"{', '.join(IMAGE_EXTENSIONS)} images (searched recursively)."
+            )
+        paths = _list_images(root)
+        if not paths:
+            raise InputError(
+                f"Image folder '{root}' contains no images. Expected files with extensions "
+                f"{', '.join(IMAGE_EXTENSIONS)} (case-insensitive, searched recursively; hidden files are skipped)."
+            )
+        super().__init__(paths, root)
+
+    def describe(self) -> str:
+        return f"image folder {self.root}: {len(self)} images"
+
+
+def _id_stratum(sample_id: str) -> str:
+    """Group for an official sample id: the part before '_' or '-' (PASCAL: the year, '2008_000123' -> '2008');
+    purely numeric ids (NYUD) are grouped in blocks of 100 consecutive ids, which roughly follow the scenes."""
+    for sep in ("_", "-"):
+        if sep in sample_id:
+            return sample_id.split(sep, 1)[0]
+    if sample_id.isdigit():
+        block = int(sample_id) // 100
+        return f"{block * 100:0{len(sample_id)}d}+"
+    return sample_id[:1]
+
+
+class SplitReader(ImageSource):
+    """Base of the official split readers: ids from a split file, one image file per id, optional labels.
+
+    Subclasses set the layout as class attributes. ``root`` may be the dataset directory itself or its parent
+    (the official ``db_root``), in which case ``root/<DIR_NAME>`` is used.
+    """
+
+    DATASET: str = ""
+    DIR_NAME: str = ""
+    IMAGE_DIR: str = ""
+    IMAGE_EXT: str = ""
+    SPLIT_DIR: str = ""
+    #: task name -> candidate label paths relative to the root (first existing one wins), ``{id}`` substituted.
+    LABELS: dict[str, tuple[str, ...]] = {}
+
+    def __init__(self, root: str | Path, split: str = "val") -> None:
+        root = Path(root)
+        if not root.is_dir():
+            raise InputError(
+                f"{self.DATASET} root '{root}' does not exist or is not a directory. Expected {self._layout()}."
+            )
+        if not self.matches(root) and self.matches(root / self.DIR_NAME):
+            root = root / self.DIR_NAME
+        if not split or any(c in split for c in "/\\") or split.startswith("."):
+            raise ConfigError(f"Invalid {self.DATASET} split name {split!r}; use a plain name such as 'train' or 'val'.")
+        self.root = root
+        self.split = split
+        split_file = root / self.SPLIT_DIR / f"{split}.txt"
+        if not split_file.is_file():
+            avail = sorted(p.stem for p in (root / self.SPLIT_DIR).glob("*.txt")) if (root / self.SPLIT_DIR).is_dir() else []
+            hint = f"Available splits there: {', '.join(avail)}." if avail else "No split files were found there."
+            raise InputError(
+                f"{self.DATASET} split file '{split_file}' does not exist. Expected {self._layout()}. {hint}"
+            )
+        try:
+            lines = split_file.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as err:
+            raise InputError(f"{self.DATASET} split file '{split_file}' could not be read ({err}).") from err
+        self._ids = [line.split()[0] for line in lines if line.strip()]
+        if not self._ids:
+            raise InputError(f"{self.DATASET} split file '{split_file}' lists no sample ids; expected one id per line.")
+        self._paths = [self.image_path_for(s) for s in self._ids]
+        missing = [p for p in self._paths if not p.is_file()]
+        if missing:
+            raise InputError(
+                f"{len(missing)} of {len(self._paths)} images listed in '{split_file}' are missing, the first is "
+                f"'{missing[0]}'. Expected {self._layout()}; check that the dataset was extracted completely."
+            )
+        logger.debug("%s", self.describe())
+
+    @classmethod
+    def _layout(cls) -> str:
+        return (
+            f"the {cls.DATASET} layout <root>/{cls.IMAGE_DIR}/<id>{cls.IMAGE_EXT} with split files "
+            f"<root>/{cls.SPLIT_DIR}/<split>.txt (one id per line), where <root> is the {cls.DIR_NAME} directory"
+        )
+
+    @classmethod
+    def matches(cls, root: str | Path) -> bool:
+        """Whether ``root`` looks like this dataset's directory (image dir and split dir both present)."""
+        root = Path(root)
+        return (root / cls.IMAGE_DIR).is_dir() and (root / cls.SPLIT_DIR).is_dir()
+
+    def image_path_for(self, sample_id: str) -> Path:
+        """Image path of an id according to the layout."""
+        return self.root / self.IMAGE_DIR / f"{sample_id}{self.IMAGE_EXT}"
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def ids(self) -> list[str]:
+        return list(self._ids)
+
+    def image_path(self, i: int) -> Path:
+        """Path of image ``i``."""
+        return self._paths[i]
+
+    def load(self, i: int) -> np.ndarray:
+        return read_image(self._paths[i])
+
+    def label_paths(self, i: int) -> dict[str, Path]:
+        """The label files of sample ``i`` that exist, keyed by task name (absent tasks are left out)."""
+        sid = self._ids[i]
+        found: dict[str, Path] = {}
+        for task, candidates in self.LABELS.items():
+            for rel in candidates:
+                p = self.root / rel.format(id=sid)
+                if p.is_file():
+                    found[task] = p
+                    break
+        return found
+
+    def sample(self, i: int) -> dict[str, Any]:
+        """``{'id', 'image_path', 'labels': {task: path}}`` for sample ``i`` (only existing label files)."""
+        return {"id": self._ids[i], "image_path": self._paths[i], "labels": self.label_paths(i)}
+
+    def strata(self, i: int) -> str:
+        return _id_stratum(self._ids[i])
+
+    def describe(self) -> str:
+        return f"{self.DATASET} '{self.split}' split at {self.root}: {len(self)} images"
+
+
+class PascalContextReader(SplitReader):
+    """PASCAL-Context (``PASCALContext/``): ``JPEGImages/<id>.jpg``, ids in ``ImageSets/Context/<split>.txt``.
+
+    Label files (spec §14): ``semseg`` (VOC12, else pascal-context PNG), ``human_parts`` (.mat), ``sal`` and
+    ``normals`` (distilled PNGs), ``edge`` (the pascal-context ``LabelMap`` .mat the edges are derived from).
+    """
+
+    DATASET = "PASCAL-Context"
+    DIR_NAME = "PASCALContext"
+    IMAGE_DIR = "JPEGImages"
+    IMAGE_EXT = ".jpg"
+    SPLIT_DIR = "ImageSets/Context"
+    LABELS = {
+        "semseg": ("semseg/VOC12/{id}.png", "semseg/pascal-context/{id}.png"),
+        "human_parts": ("human_parts/{id}.mat",),
+        "sal": ("sal_distill/{id}.png",),
+        "normals": ("normals_distill/{id}.png",),
+        "edge": ("pascal-context/trainval/{id}.mat",),
+    }
+
+
+class NYUDReader(SplitReader):
+    """NYUD-v2 (``NYUDv2/``): ``images/<id>.png``, ids in ``gt_sets/<split>.txt``.
+
+    Label files (spec §14): ``semseg`` (segmentation PNG, 0..40 shifted by -1), ``depth`` (.npy metres),
+    ``normals`` (PNG) and ``edge`` (PNG).
+    """
+
+    DATASET = "NYUD-v2"
+    DIR_NAME = "NYUDv2"
+    IMAGE_DIR = "images"
+    IMAGE_EXT = ".png"
+    SPLIT_DIR = "gt_sets"
+    LABELS = {
+        "semseg": ("segmentation/{id}.png",),
+        "depth": ("depth/{id}.npy",),
+        "normals": ("normals/{id}.png",),
+        "edge": ("edge/{id}.png",),
+    }
+
+
+class VideoReader(ImageSource):
+    """Every ``every_n``-th frame of a video file, decoded with ``cv2.VideoCapture`` as uint8 RGB.
+
+    Iterating decodes sequentially (fast); :meth:`load` seeks only when the requested frame is not the next one.
+    Ids are ``frame_<index>`` with the index of the frame in the file. Strata are ten equal time segments.
+    Use it as a context manager or call :meth:`close` to release the file.
+
+    Raises:
+        InputError: the file does not exist, cannot be opened, or has no frames.
+        ConfigError: ``every_n`` is smaller than 1.
+    """
+
+    def __init__(self, path: str | Path, every_n: int = 1) -> None:
+        self.path = Path(path)
+        if int(every_n) < 1:
+            raise ConfigError(f"every_n must be at least 1 (keep every n-th frame), got {every_n}.")
+        self.every_n = int(every_n)
+        if not self.path.is_file():
+            raise InputError(
+                f"Video '{self.path}' does not exist or is not a file. Pass a video file "
+                f"({', '.join(VIDEO_EXTENSIONS)})."
+            )
+        self._cap = cv2.VideoCapture(str(self.path))
+        if not self._cap.isOpened():
+            raise InputError(
+                f"Video '{self.path}' could not be opened by OpenCV. Check that it is a video "
+                f"({', '.join(VIDEO_EXTENSIONS)}) in a codec this OpenCV build supports, or extract the frames "
+                "to an image folder first."
+            )
+        self.fps = float(self._cap.get(cv2.CAP_PROP_FPS) or 0.0)
+        count = int(self._cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+        if count <= 0:
+            count = self._count_frames()
+        self.frame_count = count
+        self._next = 0
+        if count <= 0:
+            self.close()
+            raise InputError(f"Video '{self.path}' contains no decodable frames; check that the file is not truncated.")
+
+    def _count_frames(self) -> int:
+        """Count frames by grabbing them all (only when the container does not report a frame count)."""
+        n = 0
+        while self._cap.grab():
+            n += 1
+        self._cap.set(cv2.CAP_PROP_POS_FRAMES, 0)
+        return n
+
+    def close(self) -> None:
+        """Release the video file."""
+        cap = getattr(self, "_cap", None)
+        if cap is not None:
+            cap.release()
+            self._cap = None
+
+    def __enter__(self) -> "VideoReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+    def _capture(self) -> cv2.VideoCapture:
+        if self._cap is None:
+            self._cap = cv2.VideoCapture(str(self.path))
+            self._next = 0
+        return self._cap
+
+    def __len__(self) -> int:
+        return math.ceil(self.frame_count / self.every_n)
+
+    def frame_index(self, i: int) -> int:
+        """Index in the file of the ``i``-th kept frame."""
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"frame {i} out of range for {len(self)} kept frames")
+        return (i % len(self)) * self.every_n
+
+    def ids(self) -> list[str]:
+        width = max(6, len(str(self.frame_count)))
+        return [f"frame_{k * self.every_n:0{width}d}" for k in range(len(self))]
+
+    def load(self, i: int) -> np.ndarray:
+        f = self.frame_index(i)
+        cap = self._capture()
+        if f != self._next:
+            cap.set(cv2.CAP_PROP_POS_FRAMES, f)
+        ok, bgr = cap.read()
+        if not ok or bgr is None:
+            self._next = -1
+            raise InputError(
+                f"Frame {f} of video '{self.path}' (reported {self.frame_count} frames) could not be decoded; the "
+                "file may be truncated or its frame count wrong. Re-encode it or extract the frames to a folder."
+            )
+        self._next = f + 1
+        return np.ascontiguousarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+
+    def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
+        """Decode sequentially from the start, yielding every ``every_n``-th frame; stops at the real end."""
+        cap = self._capture()
+        cap.set(cv2.CAP_PROP_POS_FRAMES, 0)
+        ids = self.ids()
+        f = 0
+        for k, sid in enumerate(ids):
+            while f < k * self.every_n:
+                if not cap.grab():
+                    self._next = -1
+                    return
+                f += 1
+            ok, bgr = cap.read()
+            if not ok or bgr is None:
+                self._next = -1
+                return
+            f += 1
+            self._next = f
+            yield sid, np.ascontiguousarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
+
+    def strata(self, i: int) -> str:
+        """Time segment ``t0``..``t9`` of kept frame ``i``."""
+        n = len(self)
+        return f"t{(i % n) * 10 // n}"
+
+    def describe(self) -> str:
+        fps = f" at {self.fps:.2f} fps" if self.fps > 0 else ""
+        return f"video {self.path}: {self.frame_count} frames{fps}, every {self.every_n} -> {len(self)} images"
+
+
+_HINTS = ("pascal_context", "nyud_v2", "folder", "video", "image")
+
+
+def open_source(
+    path: str | Path,
+    dataset_hint: str | None = None,
+    *,
+    split: str = "val",
+    every_n: int = 1,
+) -> ImageSource:
+    """Open ``path`` with the reader that fits it and return it as an :class:`ImageSource`.
+
+    Detection (unless ``dataset_hint`` forces one of ``pascal_context``, ``nyud_v2``, ``folder``, ``video``,
+    ``image``): a directory with ``JPEGImages`` and ``ImageSets/Context`` (or containing ``PASCALContext/`` with
+    them) is PASCAL-Context; one with ``images`` and ``gt_sets`` (or ``NYUDv2/``) is NYUD-v2; any other directory
+    is an image folder (a ``db_root`` holding both datasets needs the hint); a file with a video extension is a video; an image file is a one-image source.
+
+    Args:
+        path: dataset root, directory, video or image file.
+        dataset_hint: force a reader (the dataset names match :data:`invpt.tasks.DATASETS`).
+        split: split for the dataset readers.
+        every_n: frame step for videos.
+
+    Raises:
+        InputError: the path does not exist or is of an unsupported kind.
+        ConfigError: unknown ``dataset_hint``, or a directory holding both official datasets without a hint.
+    """
+    p = Path(path)
+    if dataset_hint is not None and dataset_hint not in _HINTS:
+        raise ConfigError(f"Unknown dataset hint {dataset_hint!r}; use one of {', '.join(_HINTS)} or leave it unset.")
+    if not p.exists():
+        raise InputError(
+            f"Input '{p}' does not exist. Pass a PASCAL-Context or NYUD-v2 root, an image folder, a video "
+            f"({', '.join(VIDEO_EXTENSIONS)}) or an image ({', '.join(IMAGE_EXTENSIONS)})."
+        )
+    hint = dataset_hint
+    if hint is None:
+        if p.is_file():
+            hint = "video" if p.suffix.lower() in VIDEO_EXTENSIONS else "image"
+        else:
+            found = [
+                name
+                for name, reader in (("pascal_context", PascalContextReader), ("nyud_v2", NYUDReader))
+                if reader.matches(p) or reader.matches(p / reader.DIR_NAME)
+            ]
+            if len(found) > 1:
+                raise ConfigError(
+                    f"'{p}' holds both the PASCAL-Context and the NYUD-v2 layouts; pass dataset_hint "
+                    "'pascal_context' or 'nyud_v2' (or the dataset's own directory) to choose one."
+                )
+            hint = found[0] if found else "folder"
+    src: ImageSource
+    if hint == "pascal_context":
+        src = PascalContextReader(p, split)
+    elif hint == "nyud_v2":
+        src = NYUDReader(p, split)
+    elif hint == "video":
+        src = VideoReader(p, every_n)
+    elif hint == "folder":
+        src = ImageFolderReader(p)
+    else:
+        if not p.is_file() or p.suffix.lower() not in IMAGE_EXTENSIONS:
+            raise InputError(
+                f"Input '{p}' is neither a directory, a video ({', '.join(VIDEO_EXTENSIONS)}) nor an image "
+                f"({', '.join(IMAGE_EXTENSIONS)}). Convert it or pass a directory of images."
+            )
+        src = ImageListReader([p], p.parent)
+    logger.info("input: %s", src.describe())
+    return src

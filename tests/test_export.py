@@ -1,0 +1,157 @@
+"""invpt-export: graph structure, Resize conformance, ORT parity, manifest, and failure paths."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from invpt.errors import ExportError, VerificationError
+from invpt.export import expected_resize_sizes, resize_sites, run_export
+from invpt.export.cli import main as export_main
+from invpt.export.ort import ort_session, run_session
+from invpt.export.parity import Tolerance
+from invpt.manifest import Manifest, sha256_file
+
+
+@pytest.fixture(scope="module")
+def pascal_dynamic(tiny_pascal_official_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("exp") / "pascal.onnx"
+    return run_export(tiny_pascal_official_ckpt, out, dynamic_batch=True)
+
+
+@pytest.fixture(scope="module")
+def nyud_static(tiny_nyud_official_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("exp") / "nyud.onnx"
+    return run_export(tiny_nyud_official_ckpt, out, batch=2)
+
+
+def _ops(path) -> Counter:
+    return Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
+
+
+@pytest.mark.parametrize("which", ["pascal_dynamic", "nyud_static"])
+def test_resize_conformance(which, request):
+    """Every interpolate call site is one linear, half-pixel Resize of the size the spec derives."""
+    result = request.getfixturevalue(which)
+    cfg = result.manifest.model_config
+    sites = resize_sites(result.onnx_path)
+    assert len(sites) == 1 + 11 * len(cfg.tasks)  # 56 for PASCAL, 45 for NYUD (no inter_preds exported)
+    assert all(s.mode == "linear" for s in sites)
+    assert all(s.coordinate_transformation_mode in ("half_pixel", "pytorch_half_pixel") for s in sites)
+    assert sorted(s.output_hw for s in sites) == expected_resize_sizes(cfg)
+    by_module = Counter(s.module.split(".blocks.0")[0].split(".patch_embed")[0] for s in sites)
+    t = len(cfg.tasks)
+    # attention output x2 (3 stages) + message passing (stages 1, 2) live in the stage blocks; UpEmbed in patch_embed.
+    for stage, expected in (("multi_task_decoder.invpt.invpt_stages.0", t),
+                            ("multi_task_decoder.invpt.invpt_stages.1", 3 * t),
+                            ("multi_task_decoder.invpt.invpt_stages.2", 3 * t)):
+        assert by_module[stage] == expected, (stage, by_module)
+    assert by_module["multi_task_decoder"] == 1  # decoder input to H/32
+    assert by_module["multi_task_decoder.invpt"] == 3 * t  # multi-scale aggregation to H/4
+    assert by_module[""] == t or by_module["model"] == t  # final upsample to input size
+
+
+def test_graph_hygiene(pascal_dynamic):
+    ops = _ops(pascal_dynamic.onnx_path)
+    assert ops["Einsum"] == 0
+    assert ops["LayerNormalization"] == 4 * 2 + 1 + 6 + 3  # ViT depth 4 (+final norm), 3 decoder blocks x2, norm_mts
+    assert ops["ConvTranspose"] == 1
+    onnx.checker.check_model(str(pascal_dynamic.onnx_path), full_check=True)
+    names = [n.name for n in onnx.load(str(pascal_dynamic.onnx_path)).graph.node]
+    assert any(n.startswith("multi_task_decoder.invpt.invpt_stages.1.blocks.0.attn/") for n in names)
+    # Dead computation is not exported: scale_embed.2 has no node.
+    assert not any(n.startswith("multi_task_decoder.scale_embed.2/") for n in names)
+
+
+def test_dynamic_batch_parity(pascal_dynamic):
+    """Batch 1 and 3 through a dynamic-batch model match PyTorch to rel err <= 1e-4."""
+    parity = pascal_dynamic.parity
+    assert parity.passed and parity.samples == 4  # batch 1 + batch 3
+    for t in parity.tasks.values():
+        assert t.rel_err <= 1e-4 and t.cosine > 0.99999
+    graph_input = onnx.load(str(pascal_dynamic.onnx_path)).graph.input[0]
+    assert graph_input.name == "image" and graph_input.type.tensor_type.shape.dim[0].dim_param
+
+
+def test_static_batch_parity_nyud(nyud_static, tiny_nyud):
+    assert nyud_static.parity.passed
+    sess = ort_session(nyud_static.onnx_path)
+    assert [o.name for o in sess.get_outputs()] == ["semseg", "depth", "normals", "edge"]
+    assert sess.get_inputs()[0].shape == [2, 3, 128, 192]
+    import torch
+
+    x = np.random.default_rng(5).standard_normal((2, 3, 128, 192), dtype=np.float32)
+    got = run_session(sess, {"image": x})
+    with torch.no_grad():
+        ref = tiny_nyud(torch.from_numpy(x))
+    for t in ref:
+        err = np.abs(got[t] - ref[t].numpy()).max() / np.abs(ref[t].numpy()).max()
+        assert err <= 1e-4, (t, err)
+
+
+def test_manifest(pascal_dynamic, tiny_pascal_official_ckpt):
+    m = Manifest.load(pascal_dynamic.manifest_path)
+    assert m.artifact == "pascal.onnx" and m.precision == "fp32" and m.kind == "onnx"
+    assert m.sha256 == sha256_file(pascal_dynamic.onnx_path)
+    assert m.parent["sha256"] == sha256_file(tiny_pascal_official_ckpt)
+    assert m.inputs[0].name == "image" and m.inputs[0].shape == ("batch", 3, 128, 128)
+    assert [o.name for o in m.outputs] == ["semseg", "human_parts", "sal", "normals", "edge"]
+    assert m.outputs[0].class_names[0] == "background" and m.outputs[3].decode == "normals"
+    assert m.preprocessing.mean == (0.485, 0.456, 0.406) and m.preprocessing.mode == "pad"
+    assert m.verification["passed"] is True
+    assert {"torch", "onnx", "onnxruntime"} <= set(m.versions)
+    meta = {p.key: p.value for p in onnx.load(str(pascal_dynamic.onnx_path), load_external_data=False).metadata_props}
+    assert json.loads(meta["invpt.config"])["name"] == "tiny_pascal"
+
+
+def test_task_subset_drops_other_heads(tiny_pascal_official_ckpt, tmp_path, pascal_dynamic):
+    res = run_export(tiny_pascal_official_ckpt, tmp_path / "sub.onnx", tasks=["normals", "semseg"],
+                     external_data="always", simplify=False)
+    sess = ort_session(res.onnx_path)
+    assert [o.name for o in sess.get_outputs()] == ["semseg", "normals"]
+    assert res.manifest.external_data == ("sub.onnx.data",) and (tmp_path / "sub.onnx.data").exists()
+    assert res.parity.passed
+    full, sub = _ops(pascal_dynamic.onnx_path), _ops(res.onnx_path)
+    # mt_proj, heads, redu_chan and aggregation resizes of the 3 other tasks are gone.
+    assert full["Conv"] - sub["Conv"] == 3 * (1 + 1 + 2)
+    assert full["Resize"] - sub["Resize"] == 3 * 4
+
+
+def test_bad_inputs(tmp_path, tiny_pascal_official_ckpt):
+    assert export_main(["--ckpt", str(tmp_path / "missing.pth")]) == 2
+    assert export_main(["--ckpt", str(tiny_pascal_official_ckpt), "--config", "nyud_vitl", "--out", str(tmp_path / "a.onnx")]) == 2
+    assert export_main(["--ckpt", str(tiny_pascal_official_ckpt), "--opset", "13", "--out", str(tmp_path / "b.onnx")]) == 2
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ExportError, match="writable"):
+        run_export(tiny_pascal_official_ckpt, blocker / "c.onnx", verify=False)
+    assert export_main(["--ckpt", str(tiny_pascal_official_ckpt), "--tasks", "depth", "--out", str(tmp_path / "d.onnx")]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_failed_verification_leaves_nothing(tmp_path, tiny_pascal_official_ckpt):
+    impossible = Tolerance(max_rel_err=0.0, min_cosine=1.0, min_agreement=1.0)
+    with pytest.raises(VerificationError, match="was not written"):
+        run_export(tiny_pascal_official_ckpt, tmp_path / "m.onnx", tolerance=impossible, simplify=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_success(tmp_path, tiny_pascal_official_ckpt):
+    out = tmp_path / "cli.onnx"
+    assert export_main(["--ckpt", str(tiny_pascal_official_ckpt), "--out", str(out), "--no-verify", "--no-simplify", "-q"]) == 0
+    assert out.exists() and Manifest.load(tmp_path / "cli.json").verification is None
+
+
+@pytest.mark.slow
+def test_vitl_pascal_export(tmp_path):
+    """Full-size ViT-L PASCAL (random weights): export and verify (minutes, ~10 GB RAM)."""
+    import invpt
+    from invpt.checkpoint import save_official_checkpoint
+
+    ckpt = save_official_checkpoint(invpt.build_model("pascal_vitl").eval(), tmp_path / "vitl.pth")
+    res = run_export(ckpt, tmp_path / "vitl.onnx")
+    assert res.parity.passed and len(resize_sites(res.onnx_path)) == 56
