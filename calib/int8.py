@@ -73,16 +73,78 @@ class _ArrayReader:
 
 
 def _quantize_ort(src: Path, out: Path, calib: np.ndarray, exclude: Sequence[str], input_name: str) -> None:
+    """Percentile calibration with onnxruntime, in a fresh process.
+
+    ModelOpt patches onnxruntime's calibrators process-wide when it runs, after which ``quantize_static``
+    fails ("Histogram has not been collected"); a spawned process keeps the two tools apart.
+    """
+    import multiprocessing
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        data = Path(tmp) / "calib.npy"
+        np.save(data, calib)
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(1) as pool:
+            error = pool.apply(_ort_worker, (str(src), str(out), str(data), list(exclude), input_name))
+    if error:
+        raise ExportError(f"onnxruntime percentile quantization of '{src}' failed: {error}")
+    detach_float_consumers(out, FLOAT_ONLY_OPS)
+
+
+def _ort_worker(src: str, out: str, data: str, exclude: list, input_name: str) -> str:
+    """Runs in the spawned process; returns an error line or ''."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     try:
         quantize_static(
-            str(src), str(out), _ArrayReader(input_name, calib),
+            src, out, _ArrayReader(input_name, np.load(data)),
             quant_format=QuantFormat.QDQ, op_types_to_quantize=list(QUANTIZABLE_OPS), per_channel=True,
-            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_exclude=list(exclude),
+            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
             calibrate_method=CalibrationMethod.Percentile,
-            use_external_data_format=src.stat().st_size > 1_800_000_000,
+            use_external_data_format=Path(src).stat().st_size > 1_800_000_000,
             extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
         )
     except Exception as err:
-        raise ExportError(f"onnxruntime percentile quantization of '{src}' failed: {str(err).splitlines()[0][:300]}") from err
+        return str(err).splitlines()[0][:300] if str(err) else type(err).__name__
+    return ""
+
+
+FLOAT_ONLY_OPS = ("LayerNormalization", "Softmax", "Resize")
+
+
+def detach_float_consumers(path: Path, op_types: Sequence[str]) -> int:
+    """Make ``op_types`` nodes read the float tensor instead of a DequantizeLinear output; drop orphaned Q/DQ.
+
+    onnxruntime shares one Q/DQ pair among all consumers of a tensor, so a Resize that reads the same
+    tensor as a quantized Conv would otherwise see INT8-rounded values. Returns the number of rewired inputs.
+    """
+    import onnx
+
+    proto = onnx.load(str(path))
+    g = proto.graph
+    producer = {o: n for n in g.node for o in n.output}
+    rewired = 0
+    for node in g.node:
+        if node.op_type not in op_types:
+            continue
+        for k, name in enumerate(node.input):
+            dq = producer.get(name)
+            if dq is None or dq.op_type != "DequantizeLinear":
+                continue
+            q = producer.get(dq.input[0])
+            if q is not None and q.op_type == "QuantizeLinear":
+                node.input[k] = q.input[0]
+                rewired += 1
+    if rewired:
+        changed = True
+        while changed:  # remove Q/DQ nodes whose outputs nobody reads any more
+            used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+            dead = [n for n in g.node if n.op_type in ("QuantizeLinear", "DequantizeLinear") and n.output[0] not in used]
+            changed = bool(dead)
+            for n in dead:
+                g.node.remove(n)
+        onnx.save_model(proto, str(path), save_as_external_data=proto.ByteSize() > 1_800_000_000,
+                        location=path.name + ".data")
+        _logger.info("rewired %d Resize/LayerNorm/Softmax input(s) to float tensors", rewired)
+    return rewired

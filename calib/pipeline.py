@@ -59,13 +59,15 @@ def graph_audit(path: Path) -> dict:
             consumers.setdefault(i, []).append(n)
     dq_into = Counter(c.op_type for n in proto.graph.node if n.op_type == "DequantizeLinear" for c in consumers.get(n.output[0], []))
     ops = Counter(n.op_type for n in proto.graph.node)
+    inits = {i.name for i in proto.graph.initializer}
+    weight_q = {n.output[0] for n in proto.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in inits}
     return {
         "quantize_linear": ops["QuantizeLinear"],
         "dequantize_linear": ops["DequantizeLinear"],
         "dq_consumers": dict(sorted(dq_into.items())),
-        "per_channel_dq": sum(1 for n in proto.graph.node if n.op_type == "DequantizeLinear"
-                              and any(a.name == "axis" for a in n.attribute) and n.input[0] in
-                              {i.name for i in proto.graph.initializer}),
+        "per_channel_weight_dq": sum(1 for n in proto.graph.node if n.op_type == "DequantizeLinear"
+                                     and any(a.name == "axis" for a in n.attribute)
+                                     and (n.input[0] in inits or n.input[0] in weight_q)),
         "casts": ops["Cast"],
         "nodes": len(proto.graph.node),
     }

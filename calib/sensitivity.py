@@ -22,6 +22,7 @@ from invpt.calib.evaluate import run_onnx_batches, task_agreement
 from invpt.calib.int8 import quantize_int8
 from invpt.calib.policy import NodeSelection, block_terms, graph_nodes, quantizable_nodes, resolve_terms
 from invpt.config import InvPTConfig
+from invpt.errors import ExportError
 from invpt.tasks import TaskSpec
 
 _logger = logging.getLogger(__name__)
@@ -103,17 +104,24 @@ def run_sensitivity(onnx_path: Path, workdir: Path, data, ref: Mapping[str, np.n
     base_excluded = set(selection.kept_nodes)
     all_q = quantizable_nodes(nodes, base_excluded)
     per_block = {}
+    failed: dict[str, str] = {}
     for block in tqdm(list(blocks), desc="sensitivity", unit="block", disable=None):
         mine = set(blocks[block]) & set(all_q)
         if not mine:
             continue
         exclude = base_excluded | (set(all_q) - mine)
         tmp = workdir / f"sens_{block}.onnx"
-        quantize_int8(onnx_path, tmp, data.calib, method, sorted(exclude))
+        try:
+            quantize_int8(onnx_path, tmp, data.calib, method, sorted(exclude))
+        except ExportError as err:  # e.g. a calibrator that cannot handle a single small block
+            _logger.warning("sensitivity: %s could not be quantized alone (%s); left out of the report", block, err)
+            failed[block] = str(err)
+            continue
         per_block[block] = _measure(tmp, data.holdout, ref, specs)
         tmp.unlink(missing_ok=True)
         _logger.debug("sensitivity %s: %s", block, {t: round(v["rel_l2"], 5) for t, v in per_block[block].items()})
-    report = {"tasks": tasks, "method": method, "holdout_samples": int(len(data.holdout)), "per_block": per_block}
+    report = {"tasks": tasks, "method": method, "holdout_samples": int(len(data.holdout)), "per_block": per_block,
+              "failed_blocks": failed}
     budgets = {t: float((budgets or {}).get(t, DEFAULT_BUDGET)) for t in tasks}
     keep = greedy_keep(per_block, budgets)
     exclude = base_excluded | {n for b in keep for n in blocks[b]}

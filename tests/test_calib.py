@@ -1,0 +1,188 @@
+"""invpt-quantize: FP16 and INT8 files, Q/DQ placement, parity within stated tolerances, cache, errors."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnx
+import pytest
+
+from invpt.calib import load_calibration_data, run_quantize
+from invpt.calib.cli import main as quantize_main
+from invpt.calib.evaluate import PRECISION_TOLERANCES
+from invpt.errors import InputError, ManifestError
+from invpt.export import run_export
+from invpt.export.ort import ort_session
+from invpt.manifest import Manifest, Preprocessing
+
+
+@pytest.fixture(scope="module")
+def fp32(tiny_pascal_official_ckpt, tmp_path_factory):
+    return run_export(tiny_pascal_official_ckpt, tmp_path_factory.mktemp("q") / "m.onnx")
+
+
+@pytest.fixture(scope="module")
+def calib_dir(tmp_path_factory) -> Path:
+    """Real photo crops (smaller than the 128x128 model, so the manifest's 'pad' mode applies)."""
+    root = tmp_path_factory.mktemp("calib")
+    img = cv2.imread(str(Path(__file__).resolve().parents[1] / "assets" / "chelsea.jpg"))
+    rng = np.random.default_rng(0)
+    for sub in ("a", "b"):
+        (root / sub).mkdir()
+        for i in range(6):
+            y, x = rng.integers(0, img.shape[0] - 120), rng.integers(0, img.shape[1] - 120)
+            cv2.imwrite(str(root / sub / f"crop{i}.png"), img[y:y + 120, x:x + 120])
+    return root
+
+
+@pytest.fixture(scope="module")
+def int8(fp32, calib_dir, tmp_path_factory):
+    return run_quantize(fp32.onnx_path, "int8", calib_data=calib_dir, calib_samples=6, holdout_samples=3,
+                        cache_dir=tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="module")
+def fp16(fp32, calib_dir, tmp_path_factory):
+    return run_quantize(fp32.onnx_path, "fp16", calib_data=calib_dir, holdout_samples=3,
+                        cache_dir=tmp_path_factory.mktemp("cache"))
+
+
+def _consumers_of_dq(path) -> Counter:
+    g = onnx.load(str(path)).graph
+    uses = {}
+    for n in g.node:
+        for i in n.input:
+            uses.setdefault(i, []).append(n)
+    return Counter(c.op_type for n in g.node if n.op_type == "DequantizeLinear" for c in uses.get(n.output[0], []))
+
+
+def test_int8_graph(int8):
+    onnx.checker.check_model(str(int8.onnx_path), full_check=True)
+    into = _consumers_of_dq(int8.onnx_path)
+    assert into["Conv"] > 0 and into["MatMul"] > 0
+    for op in ("LayerNormalization", "Softmax", "Resize"):
+        assert into[op] == 0, op
+    g = onnx.load(str(int8.onnx_path)).graph
+    names = {n.name: n for n in g.node}
+    # The attention-score MatMuls and the message-fusion conv stay unquantized.
+    inits = {i.name for i in g.initializer}
+    dq_out = {n.output[0] for n in g.node if n.op_type == "DequantizeLinear"}
+    score = names["multi_task_decoder.invpt.invpt_stages.1.blocks.0.attn/MatMul"]
+    assert not set(score.input) & dq_out
+    fuse = names["multi_task_decoder.invpt.invpt_stages.1.blocks.0.attn.fuse_attn/Conv"]
+    assert not set(fuse.input) & dq_out
+    # Per-channel weights: weight DQs carry an axis.
+    q_of_weight = {n.output[0] for n in g.node if n.op_type == "QuantizeLinear" and n.input[0] in inits}
+    w_dq = [n for n in g.node if n.op_type == "DequantizeLinear" and (n.input[0] in inits or n.input[0] in q_of_weight)]
+    assert w_dq and sum(any(a.name == "axis" for a in n.attribute) for n in w_dq) >= len(w_dq) // 2
+
+
+def test_int8_parity_and_manifest(int8, fp32):
+    assert int8.parity.passed and int8.parity.tolerance == PRECISION_TOLERANCES["int8"]
+    assert int8.parity.reference == "pytorch-fp32"
+    m = Manifest.load(int8.manifest_path)
+    assert m.precision == "int8" and m.parent["sha256"] == fp32.manifest.sha256
+    assert m.calibration["num_samples"] == 6 and m.calibration["method"] == "entropy"
+    assert len(m.calibration["sample_list_sha256"]) == 64
+    assert set(m.verification["holdout_ids"]).isdisjoint(set())  # recorded
+    assert m.precision_policy["name"] == "default" and m.precision_policy["kept_node_counts"]["decoder.attention_scores"] > 0
+    assert m.verification["task_agreement"]["semseg"]["miou_vs_reference"] > 0.5
+    assert "mean_angle_deg" in m.verification["task_agreement"]["normals"]
+
+
+def test_fp16_graph_and_parity(fp16):
+    onnx.checker.check_model(str(fp16.onnx_path), full_check=True)
+    sess = ort_session(fp16.onnx_path)
+    assert all(i.type == "tensor(float)" for i in sess.get_inputs() + sess.get_outputs())  # I/O stays FP32
+    g = onnx.load(str(fp16.onnx_path)).graph
+    assert sum(n.op_type == "Cast" for n in g.node) > 0
+    fp16_inits = sum(i.data_type == onnx.TensorProto.FLOAT16 for i in g.initializer)
+    assert fp16_inits > 0
+    assert fp16.parity.passed
+    for t in fp16.parity.tasks.values():
+        assert t.rel_err <= 1e-2
+    kept = fp16.manifest.precision_policy["kept_node_counts"]
+    assert kept["op.LayerNormalization"] == 18 and kept["op.Softmax"] == 7
+
+
+def test_keep_term_extends_policy(fp32, calib_dir, tmp_path):
+    res = run_quantize(fp32.onnx_path, "fp16", tmp_path / "k.onnx", keep_terms=["head.normals"], verify=False,
+                       calib_data=calib_dir, holdout_samples=1, cache_dir=tmp_path / "c")
+    assert res.manifest.precision_policy["kept_node_counts"]["head.normals"] >= 2
+    with pytest.raises(Exception, match="Unknown model term"):
+        run_quantize(fp32.onnx_path, "fp16", tmp_path / "k2.onnx", keep_terms=["head.depth"], verify=False)
+
+
+def test_calibration_cache_reuse_and_invalidation(calib_dir, tmp_path):
+    prep = Preprocessing(size=(128, 128), mode="pad")
+    a = load_calibration_data(calib_dir, prep, 4, holdout=2, cache_dir=tmp_path)
+    assert not a.cache_hit and len(list(tmp_path.glob("calib-*.npz"))) == 1
+    b = load_calibration_data(calib_dir, prep, 4, holdout=2, cache_dir=tmp_path)
+    assert b.cache_hit and np.array_equal(a.calib, b.calib) and a.calib_ids == b.calib_ids
+    assert set(a.calib_ids).isdisjoint(a.holdout_ids)
+    assert {i.split("/")[0] for i in a.calib_ids} == {"a", "b"}  # stratified over sub-folders
+    c = load_calibration_data(calib_dir, Preprocessing(size=(128, 128), mode="resize"), 4, holdout=2, cache_dir=tmp_path)
+    assert not c.cache_hit  # preprocessing changed
+    victim = calib_dir / "a" / "crop0.png"
+    img = cv2.imread(str(victim))
+    cv2.imwrite(str(victim), 255 - img)  # data changed
+    d = load_calibration_data(calib_dir, prep, 4, holdout=2, cache_dir=tmp_path)
+    touched = "a/crop0" in a.calib_ids + a.holdout_ids
+    assert d.cache_hit is (not touched)
+    cv2.imwrite(str(victim), img)
+
+
+def test_calibration_errors(tmp_path, calib_dir):
+    prep = Preprocessing(size=(128, 128), mode="pad")
+    with pytest.raises(InputError, match="does not exist"):
+        load_calibration_data(tmp_path / "missing", prep, 4)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError):
+        load_calibration_data(tmp_path / "empty", prep, 4)
+    with pytest.raises(InputError, match="were asked for"):
+        load_calibration_data(calib_dir, prep, 50, holdout=2, cache_dir=tmp_path)
+    bad = tmp_path / "corrupt"
+    bad.mkdir()
+    for i in range(4):
+        (bad / f"x{i}.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(InputError, match="x"):
+        load_calibration_data(bad, prep, 2, holdout=1, cache_dir=tmp_path)
+
+
+def test_quantize_errors(tmp_path, fp32, calib_dir):
+    bare = tmp_path / "bare.onnx"
+    bare.write_bytes(fp32.onnx_path.read_bytes())
+    with pytest.raises(ManifestError, match="manifest"):
+        run_quantize(bare, "fp16")
+    assert quantize_main(["--onnx", str(bare), "--precision", "fp16"]) == 2
+    assert quantize_main(["--onnx", str(fp32.onnx_path), "--precision", "int8", "--out", str(tmp_path / "x.onnx")]) == 2
+    assert quantize_main(["--onnx", str(tmp_path / "nope.onnx"), "--precision", "fp16"]) == 2
+    assert not (tmp_path / "x.onnx").exists() and not (tmp_path / "x.json").exists()
+
+
+def test_percentile(fp32, calib_dir, tmp_path):
+    res = run_quantize(fp32.onnx_path, "int8", tmp_path / "p.int8.onnx", calib_data=calib_dir, calib_samples=4,
+                       holdout_samples=2, calib_method="percentile", cache_dir=tmp_path / "c")
+    assert res.parity.passed and res.manifest.calibration["tool"] == "onnxruntime quantize_static"
+    into = _consumers_of_dq(res.onnx_path)
+    assert into["Conv"] > 0 and all(into[op] == 0 for op in ("LayerNormalization", "Softmax", "Resize"))
+
+
+def test_sensitivity_and_budget_search(fp32, calib_dir, tmp_path):
+    out = tmp_path / "s.int8.onnx"
+    res = run_quantize(fp32.onnx_path, "int8", out, calib_data=calib_dir, calib_samples=4, holdout_samples=2,
+                       calib_method="max", cache_dir=tmp_path / "c", sensitivity=True, budgets={"semseg": 0.02})
+    assert res.parity.passed
+    rep = json.loads((tmp_path / "m.int8.sensitivity.json").read_text())
+    assert (tmp_path / "m.int8.sensitivity.png").stat().st_size > 1000
+    assert "| decoder.stage2 |" in (tmp_path / "m.int8.sensitivity.md").read_text()
+    assert set(rep["per_block"]) >= {"backbone.block.0", "decoder.stage2", "head.normals"}
+    # A head only moves its own task.
+    assert rep["per_block"]["head.normals"]["semseg"]["rel_l2"] < 1e-5  # float noise at most
+    assert rep["per_block"]["head.normals"]["normals"]["rel_l2"] > 1e-3
+    assert rep["search"]["measured"]["semseg"]["rel_l2"] <= 0.02
+    kept = res.manifest.precision_policy["keep_terms"]
+    assert set(rep["search"]["keep_blocks"]) <= set(kept)
