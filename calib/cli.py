@@ -5,7 +5,6 @@ import argparse
 import logging
 import shlex
 import sys
-from pathlib import Path
 from typing import Optional, Sequence
 
 from invpt.cli.common import Stopwatch, add_logging_args, human_size, run_main

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import sys
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,11 +15,12 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
+from invpt.artifacts import publish, staging_dir
 from invpt.calib.data import CalibrationData, load_calibration_data
 from invpt.calib.evaluate import PRECISION_TOLERANCES, evaluate, reference_outputs, run_onnx_batches, task_table
 from invpt.calib.fp16 import convert_fp16
 from invpt.calib.int8 import CALIB_METHODS, quantize_int8
-from invpt.calib.policy import NodeSelection, select_nodes
+from invpt.calib.policy import select_nodes
 from invpt.errors import InputError, ManifestError, VerificationError
 from invpt.export.graph_checks import check_graph
 from invpt.export.onnx_export import external_data_files
@@ -143,12 +142,7 @@ def run_quantize(
 
     selection = select_nodes(onnx_path, precision, policy, keep_terms, tasks, cfg.backbone.depth)
     sens_report = None
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging.", dir=out.parent))
-    except OSError as err:
-        raise InputError(f"Cannot write to '{out.parent}' ({err.strerror}); choose a writable --out.") from err
-    try:
+    with staging_dir(out, InputError) as staging:
         reference_model = _load_reference_model(manifest, ckpt) if verify or sensitivity else None
         ref, ref_name = (reference_outputs(holdout, tasks, reference_model, onnx_path) if (verify or sensitivity)
                          else ({}, ""))
@@ -207,15 +201,6 @@ def run_quantize(
             command=command or " ".join(sys.argv),
             created=now_iso(),
         )
-        man_tmp = manifest_path_for(tmp_out)
-        man.save(man_tmp)
-        for d in data_files:
-            os.replace(staging / d, out.parent / d)
-        if sens_report is not None:
-            for f in staging.glob("*.sensitivity.*"):
-                os.replace(f, out.parent / f.name)
-        os.replace(man_tmp, manifest_path_for(out))
-        os.replace(tmp_out, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        man.save(manifest_path_for(tmp_out))
+        publish(staging, out, data_files + [f.name for f in staging.glob("*.sensitivity.*")])
     return QuantizeResult(out, manifest_path_for(out), man, parity, task_metrics, sens_report)

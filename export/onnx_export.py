@@ -10,8 +10,6 @@ from __future__ import annotations
 import ast
 import logging
 import os
-import shutil
-import tempfile
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -20,6 +18,7 @@ from typing import Literal, Optional, Sequence
 import torch
 from torch import nn
 
+from invpt.artifacts import publish, staging_dir
 from invpt.errors import ExportError
 
 _logger = logging.getLogger(__name__)
@@ -91,8 +90,6 @@ def export_onnx(
     Raises:
         ExportError: the exporter failed, or the output path cannot be written.
     """
-    import onnx
-
     check_opset(opset)
     path = Path(path)
     wrapper = OnnxExportWrapper(model, tasks).eval()
@@ -102,12 +99,7 @@ def export_onnx(
     dynamic_shapes = {"image": {0: torch.export.Dim("batch", min=1, max=1024)}} if dynamic_batch else None
     use_external = external_data == "always" or (external_data == "auto" and param_bytes(model) > EXTERNAL_DATA_THRESHOLD)
 
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    except OSError as err:
-        raise ExportError(f"Cannot write the ONNX output '{path}': {err}. Choose a writable --out location.") from err
-    try:
+    with staging_dir(path, ExportError) as tmp_dir:
         tmp = tmp_dir / path.name
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
@@ -135,9 +127,7 @@ def export_onnx(
             entry.key, entry.value = k, v
         proto.producer_name = "invpt"
         save_onnx(proto, tmp, use_external)
-        _move_artifact(tmp_dir, path)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
+        publish(tmp_dir, path, external_data_files(tmp))
     return path
 
 
@@ -162,13 +152,6 @@ def external_data_files(path: str | os.PathLike) -> list[str]:
         if init.data_location == onnx.TensorProto.EXTERNAL:
             names.update(e.value for e in init.external_data if e.key == "location")
     return sorted(names)
-
-
-def _move_artifact(tmp_dir: Path, final: Path) -> None:
-    """Move ``tmp_dir/<final.name>`` and its data files next to ``final`` (data first, model file last)."""
-    for data in external_data_files(tmp_dir / final.name):
-        os.replace(tmp_dir / data, final.parent / data)
-    os.replace(tmp_dir / final.name, final)
 
 
 def module_path_of(node) -> Optional[str]:

@@ -9,9 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -19,6 +17,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from invpt.artifacts import publish, staging_dir
 from invpt.config import ConfigLike
 from invpt.errors import ExportError, VerificationError
 from invpt.manifest import (
@@ -153,12 +152,7 @@ def run_export(
     model = load_model(ckpt, config=config, fused_attn=False)
     cfg = model.cfg
     tasks = tuple(model._resolve_tasks(tasks))
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging.", dir=out.parent))
-    except OSError as err:
-        raise ExportError(f"Cannot write to '{out.parent}' ({err.strerror}). Choose a writable --out location.") from err
-    try:
+    with staging_dir(out, ExportError) as staging:
         onnx_tmp = staging / out.name
         meta = {"invpt.config": json.dumps(cfg.to_dict()), "invpt.tasks": ",".join(tasks)}
         _logger.info("exporting %s (%s, %dx%d, tasks %s) at opset %d", cfg.name or cfg.dataset, ckpt,
@@ -221,13 +215,6 @@ def run_export(
             command=command or " ".join(sys.argv),
             created=now_iso(),
         )
-        man_tmp = manifest_path_for(onnx_tmp)
-        manifest.save(man_tmp)
-        # Publish: data files, then the manifest, the ONNX file last.
-        for d in data_files:
-            os.replace(staging / d, out.parent / d)
-        os.replace(man_tmp, manifest_path_for(out))
-        os.replace(onnx_tmp, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        manifest.save(manifest_path_for(onnx_tmp))
+        publish(staging, out, data_files)
     return ExportResult(out, manifest_path_for(out), manifest, parity)

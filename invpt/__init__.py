@@ -7,11 +7,15 @@ Stages, lowest first (a stage never imports a higher one)::
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from invpt.config import BackboneConfig, ConfigLike, DecoderConfig, InvPTConfig, load_config, preset_names
 from invpt.errors import InvptError
 
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from invpt.model import InvPT
 
 logging.getLogger("invpt").addHandler(logging.NullHandler())
 
