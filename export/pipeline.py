@@ -129,7 +129,7 @@ def run_export(
     dynamic_batch: bool = False,
     tasks: Optional[Sequence[str]] = None,
     verify: bool = True,
-    simplify: bool = True,
+    simplify: bool = False,
     external_data: ExternalData = "auto",
     preprocess_mode: str = "pad",
     tolerance: Tolerance = FP32_TOLERANCE,
