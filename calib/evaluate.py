@@ -56,13 +56,22 @@ def task_agreement(spec: TaskSpec, ref: np.ndarray, test: np.ndarray) -> dict[st
 
 
 def run_onnx_batches(path: str | Path, inputs: np.ndarray, tasks: Sequence[str]) -> dict[str, np.ndarray]:
-    """ONNX Runtime CPU outputs for ``inputs`` one sample at a time (works for static batch 1 models)."""
+    """ONNX Runtime CPU outputs for ``inputs``, fed in chunks of the model's static batch (1 if dynamic).
+
+    The last chunk of a static-batch model is padded by repeating its final sample; padding is dropped.
+    """
     sess = ort_session(path)
+    dim0 = sess.get_inputs()[0].shape[0]
+    step = dim0 if isinstance(dim0, int) and dim0 > 0 else 1
     outs: dict[str, list[np.ndarray]] = {t: [] for t in tasks}
-    for i in range(len(inputs)):
-        res = run_session(sess, {"image": inputs[i:i + 1]}, tasks)
+    for i in range(0, len(inputs), step):
+        chunk = inputs[i:i + step]
+        n = len(chunk)
+        if n < step:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], step - n, axis=0)])
+        res = run_session(sess, {"image": chunk}, tasks)
         for t in tasks:
-            outs[t].append(res[t])
+            outs[t].append(res[t][:n])
     return {t: np.concatenate(v) for t, v in outs.items()}
 
 

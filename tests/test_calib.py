@@ -186,3 +186,15 @@ def test_sensitivity_and_budget_search(fp32, calib_dir, tmp_path):
     assert rep["search"]["measured"]["semseg"]["rel_l2"] <= 0.02
     kept = res.manifest.precision_policy["keep_terms"]
     assert set(rep["search"]["keep_blocks"]) <= set(kept)
+
+
+def test_static_batch_model_is_fed_in_its_batch(tiny_nyud_official_ckpt, tmp_path):
+    """A batch-2 export gets 3 held-out samples: two chunks, the last padded, 3 results back."""
+    from invpt.calib.evaluate import run_onnx_batches
+
+    res = run_export(tiny_nyud_official_ckpt, tmp_path / "b2.onnx", batch=2, verify=False)
+    x = np.random.default_rng(0).standard_normal((3, 3, 128, 192), dtype=np.float32)
+    out = run_onnx_batches(res.onnx_path, x, ["semseg", "depth"])
+    assert out["semseg"].shape == (3, 40, 128, 192)
+    single = run_onnx_batches(res.onnx_path, x[2:3], ["depth"])["depth"]
+    np.testing.assert_allclose(out["depth"][2:3], single, rtol=1e-5, atol=1e-6)
