@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="further images, never used for calibration, for the parity check (default 4)")
     c.add_argument("--calib-method", choices=("entropy", "max", "percentile"), default="entropy",
                    help="activation range calibration (default entropy)")
-    c.add_argument("--split", default="val", help="dataset split to sample from (default val)")
+    c.add_argument("--split", default="val", help="split file of a PASCAL-Context/NYUD-v2 root to sample from (default val)")
     c.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     c.add_argument("--cache-dir", default=None, help="prepared-tensor cache (default $INVPT_CACHE_DIR or ~/.cache/invpt)")
     v = p.add_argument_group("Verification")
@@ -111,11 +111,10 @@ def _run(args: argparse.Namespace) -> int:
     if not args.precision:
         raise InputError("--precision fp16|int8 is required (or --list-terms).")
     watch = Stopwatch()
-    dataset_hint = None
     res = run_quantize(
         args.onnx, args.precision, args.out, policy=args.policy, keep_terms=args.keep, calib_data=args.calib_data,
         calib_samples=args.calib_samples, holdout_samples=args.holdout_samples, calib_method=args.calib_method,
-        seed=args.seed, cache_dir=args.cache_dir, dataset_hint=dataset_hint, ckpt=args.ckpt,
+        seed=args.seed, cache_dir=args.cache_dir, split=args.split, ckpt=args.ckpt,
         verify=not args.no_verify, sensitivity=args.sensitivity, budgets=_budgets(args.budget),
         command="invpt-quantize " + shlex.join(sys.argv[1:]),
     )

@@ -86,10 +86,11 @@ def _fingerprint(source: ImageSource, indices: list[int]) -> list:
     return out
 
 
-def cache_key(source_path: Path, fingerprint: list, prep: Preprocessing, n: int, holdout: int, seed: int) -> str:
+def cache_key(source_path: Path, fingerprint: list, prep: Preprocessing, n: int, holdout: int, seed: int,
+              split: str = "val") -> str:
     """sha256 over everything the prepared tensors depend on."""
     blob = json.dumps(
-        {"source": str(source_path.resolve()), "files": fingerprint, "preprocessing": asdict(prep),
+        {"source": str(source_path.resolve()), "split": split, "files": fingerprint, "preprocessing": asdict(prep),
          "n": n, "holdout": holdout, "seed": seed, "version": 1},
         sort_keys=True,
     )
@@ -120,6 +121,7 @@ def load_calibration_data(
     seed: int = 0,
     cache_dir: Optional[str | os.PathLike] = None,
     dataset_hint: Optional[str] = None,
+    split: str = "val",
 ) -> CalibrationData:
     """Sample, preprocess and cache calibration (``num_samples``) and held-out (``holdout``) images from ``path``.
 
@@ -134,7 +136,7 @@ def load_calibration_data(
         )
     if num_samples < 1:
         raise InputError(f"--calib-samples must be >= 1, got {num_samples}.")
-    source = open_source(path, dataset_hint)
+    source = open_source(path, dataset_hint, split=split)
     need = num_samples + holdout
     if len(source) < need:
         raise InputError(
@@ -144,11 +146,12 @@ def load_calibration_data(
     order = stratified_sample(source, need, seed)
     calib_idx, hold_idx = order[:num_samples], order[num_samples:]
     fp = _fingerprint(source, order)
-    key = cache_key(path, fp, prep, num_samples, holdout, seed)
+    key = cache_key(path, fp, prep, num_samples, holdout, seed, split)
     ids = source.ids()
     provenance = {
         "source": str(path),
         "source_kind": type(source).__name__,
+        "split": split,
         "description": source.describe(),
         "seed": seed,
         "num_samples": num_samples,

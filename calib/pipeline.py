@@ -101,6 +101,7 @@ def run_quantize(
     seed: int = 0,
     cache_dir: Optional[str | os.PathLike] = None,
     dataset_hint: Optional[str] = None,
+    split: str = "val",
     ckpt: Optional[str] = None,
     verify: bool = True,
     sensitivity: bool = False,
@@ -134,7 +135,7 @@ def run_quantize(
     data: Optional[CalibrationData] = None
     if calib_data:
         data = load_calibration_data(calib_data, manifest.preprocessing, calib_samples if precision == "int8" else 1,
-                                     holdout_samples, seed, cache_dir, dataset_hint)
+                                     holdout_samples, seed, cache_dir, dataset_hint, split)
         holdout = data.holdout
         holdout_desc = f"{len(holdout)} held-out image(s) from {calib_data}, disjoint from the calibration samples"
     else:

@@ -198,3 +198,21 @@ def test_static_batch_model_is_fed_in_its_batch(tiny_nyud_official_ckpt, tmp_pat
     assert out["semseg"].shape == (3, 40, 128, 192)
     single = run_onnx_batches(res.onnx_path, x[2:3], ["depth"])["depth"]
     np.testing.assert_allclose(out["depth"][2:3], single, rtol=1e-5, atol=1e-6)
+
+
+def test_split_selects_the_split_file(tmp_path):
+    """Sampling from a PASCAL-Context root honours --split: train ids only, never val ids."""
+    root = tmp_path / "PASCALContext"
+    (root / "JPEGImages").mkdir(parents=True)
+    (root / "ImageSets" / "Context").mkdir(parents=True)
+    ids = {"train": [f"2008_{i:06d}" for i in range(6)], "val": [f"2010_{i:06d}" for i in range(6)]}
+    for split, names in ids.items():
+        (root / "ImageSets" / "Context" / f"{split}.txt").write_text("\n".join(names) + "\n")
+        for n in names:
+            cv2.imwrite(str(root / "JPEGImages" / f"{n}.jpg"), np.full((64, 80, 3), 128, np.uint8))
+    prep = Preprocessing(size=(128, 128), mode="pad")
+    data = load_calibration_data(root, prep, 3, holdout=1, cache_dir=tmp_path / "c", split="train")
+    assert set(data.calib_ids + data.holdout_ids) <= set(ids["train"])
+    assert data.provenance["split"] == "train" and data.provenance["source_kind"] == "PascalContextReader"
+    val = load_calibration_data(root, prep, 3, holdout=1, cache_dir=tmp_path / "c", split="val")
+    assert not val.cache_hit and set(val.calib_ids) <= set(ids["val"])
