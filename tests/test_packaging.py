@@ -60,3 +60,22 @@ def test_installed_namespace_maps_folders():
     for folder, name in NAMESPACE.items():
         mod = importlib.import_module(name)
         assert Path(mod.__file__).resolve().parent == (REPO / folder).resolve()
+
+
+@pytest.mark.parametrize("module", ["invpt.cli.infer", "invpt.cli.init", "invpt.export.cli", "invpt.calib.cli"])
+def test_every_cli_has_help_with_examples(module, capsys):
+    import importlib
+
+    cli = importlib.import_module(module)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert "example" in text.lower() and "--" in text
+
+
+def test_console_scripts_declared():
+    import tomllib
+
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert {"invpt-infer", "invpt-init", "invpt-export", "invpt-quantize"} <= set(scripts)
