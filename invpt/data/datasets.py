@@ -55,7 +55,27 @@ class ImageSource(abc.ABC):
             yield sid, self.load(i)
 
 
-class ImageListReader(ImageSource):
+class FileListSource(ImageSource):
+    """An :class:`ImageSource` backed by one image file per id (subclasses fill ``_paths`` and ``_ids``)."""
+
+    _paths: list[Path]
+    _ids: list[str]
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def ids(self) -> list[str]:
+        return list(self._ids)
+
+    def image_path(self, i: int) -> Path:
+        """Path of image ``i``."""
+        return self._paths[i]
+
+    def load(self, i: int) -> np.ndarray:
+        return read_image(self._paths[i])
+
+
+class ImageListReader(FileListSource):
     """An explicit list of image files; ids are paths relative to ``root`` without extension.
 
     If two files would get the same id (``a.jpg`` and ``a.png``), both keep their extension in the id.
@@ -79,19 +99,6 @@ class ImageListReader(ImageSource):
             except ValueError:
                 pass
         return Path(p.name)
-
-    def __len__(self) -> int:
-        return len(self._paths)
-
-    def ids(self) -> list[str]:
-        return list(self._ids)
-
-    def image_path(self, i: int) -> Path:
-        """Path of image ``i``."""
-        return self._paths[i]
-
-    def load(self, i: int) -> np.ndarray:
-        return read_image(self._paths[i])
 
     def strata(self, i: int) -> str:
         """The immediate subdirectory below ``root`` ("." for files directly in it)."""
@@ -153,7 +160,7 @@ def _id_stratum(sample_id: str) -> str:
     return sample_id[:1]
 
 
-class SplitReader(ImageSource):
+class SplitReader(FileListSource):
     """Base of the official split readers: ids from a split file, one image file per id, optional labels.
 
     Subclasses set the layout as class attributes. ``root`` may be the dataset directory itself or its parent
@@ -219,19 +226,6 @@ class SplitReader(ImageSource):
     def image_path_for(self, sample_id: str) -> Path:
         """Image path of an id according to the layout."""
         return self.root / self.IMAGE_DIR / f"{sample_id}{self.IMAGE_EXT}"
-
-    def __len__(self) -> int:
-        return len(self._ids)
-
-    def ids(self) -> list[str]:
-        return list(self._ids)
-
-    def image_path(self, i: int) -> Path:
-        """Path of image ``i``."""
-        return self._paths[i]
-
-    def load(self, i: int) -> np.ndarray:
-        return read_image(self._paths[i])
 
     def label_paths(self, i: int) -> dict[str, Path]:
         """The label files of sample ``i`` that exist, keyed by task name (absent tasks are left out)."""
