@@ -78,11 +78,12 @@ def stratified_sample(source: ImageSource, n: int, seed: int) -> list[int]:
 def _fingerprint(source: ImageSource, indices: list[int]) -> list:
     """Per selected sample: id plus the file's size and mtime where the source has files (videos: the video)."""
     out = []
+    ids = source.ids()  # one copy, not one per sample
+    path = getattr(source, "image_path", None)
     for i in indices:
-        path = getattr(source, "image_path", None)
         p = Path(path(i)) if path else Path(getattr(source, "path", ""))
         st = p.stat() if p and p.exists() else None
-        out.append([source.ids()[i], str(p), st.st_size if st else None, st.st_mtime_ns if st else None])
+        out.append([ids[i], str(p), st.st_size if st else None, st.st_mtime_ns if st else None])
     return out
 
 

@@ -217,6 +217,12 @@ def _check_output_size(arr: np.ndarray, info: PadInfo) -> None:
         )
 
 
+def _crop_padding(arr: np.ndarray, info: PadInfo) -> np.ndarray:
+    """Cut the original image region out of a padded ``[..., H, W]`` map."""
+    h, w = info.original_hw
+    return np.ascontiguousarray(arr[..., info.top : info.top + h, info.left : info.left + w])
+
+
 def restore_geometry(arr: np.ndarray, info: PadInfo) -> np.ndarray:
     """Map a **float** output map (``[C,H,W]`` or ``[H,W]`` at the network size) back to the original image size.
 
@@ -231,7 +237,7 @@ def restore_geometry(arr: np.ndarray, info: PadInfo) -> np.ndarray:
     _check_output_size(arr, info)
     h, w = info.original_hw
     if info.mode == "pad":
-        return np.ascontiguousarray(arr[..., info.top : info.top + h, info.left : info.left + w])
+        return _crop_padding(arr, info)
     src = arr if np.issubdtype(arr.dtype, np.floating) and arr.dtype != np.float16 else arr.astype(np.float32)
     if src.ndim == 2:
         return cv2.resize(src, (w, h), interpolation=cv2.INTER_LINEAR)
@@ -257,7 +263,7 @@ def restore_labels(labels: np.ndarray, info: PadInfo) -> np.ndarray:
     _check_output_size(labels, info)
     h, w = info.original_hw
     if info.mode == "pad":
-        return np.ascontiguousarray(labels[..., info.top : info.top + h, info.left : info.left + w])
+        return _crop_padding(labels, info)
     H, W = info.size_hw
     rows, cols = _nearest_index(h, H), _nearest_index(w, W)
     return np.ascontiguousarray(labels[..., rows[:, None], cols[None, :]])
