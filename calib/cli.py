@@ -8,7 +8,7 @@ import sys
 from typing import Optional, Sequence
 
 from invpt.cli.common import Stopwatch, add_logging_args, human_size, run_main
-from invpt.errors import InputError
+from invpt.errors import InputError, VerificationError
 
 _logger = logging.getLogger("invpt.calib")
 
@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FP32 PyTorch checkpoint for the reference outputs (default: the one recorded in the manifest; "
                    "if absent, the export-verified FP32 ONNX)")
     v.add_argument("--no-verify", action="store_true", help="skip the held-out parity check")
+    v.add_argument("--allow-mismatch", action="store_true",
+                   help="write the output even if parity is outside tolerance (its manifest records passed=false); "
+                   "the command still exits 3, so scripts notice")
     v.add_argument("--sensitivity", action="store_true",
                    help="int8: measure each block alone in INT8 per task, search what to keep for --budget; writes "
                    "<name>.int8.sensitivity.{json,md,png}")
@@ -116,8 +119,15 @@ def _run(args: argparse.Namespace) -> int:
         calib_samples=args.calib_samples, holdout_samples=args.holdout_samples, calib_method=args.calib_method,
         seed=args.seed, cache_dir=args.cache_dir, split=args.split, ckpt=args.ckpt,
         verify=not args.no_verify, sensitivity=args.sensitivity, budgets=_budgets(args.budget),
-        command="invpt-quantize " + shlex.join(sys.argv[1:]),
+        command="invpt-quantize " + shlex.join(sys.argv[1:]), allow_mismatch=args.allow_mismatch,
     )
+    if res.parity is not None and not res.parity.passed:
+        bad = sorted(k for k, v in res.parity.tasks.items() if not v.passed)
+        raise VerificationError(
+            f"The {args.precision.upper()} model '{res.onnx_path}' is outside the stated tolerance for {bad}; it was "
+            "written anyway because of --allow-mismatch, and its manifest records verification.passed=false. Do not "
+            "deploy it: keep more of the model in high precision (--keep TERM) or run --sensitivity with --budget."
+        )
     status = "verified" if res.parity else "NOT verified (--no-verify)"
     _logger.info("quantize ok %.1fs -> %s (%s, %s), %s; manifest %s", watch.seconds, res.onnx_path,
                  args.precision, human_size(res.manifest.size_bytes), status, res.manifest_path)

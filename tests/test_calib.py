@@ -13,7 +13,7 @@ import pytest
 from invpt.calib import load_calibration_data, run_quantize
 from invpt.calib.cli import main as quantize_main
 from invpt.calib.evaluate import PRECISION_TOLERANCES
-from invpt.errors import InputError, ManifestError
+from invpt.errors import InputError, ManifestError, VerificationError
 from invpt.export import run_export
 from invpt.export.ort import ort_session
 from invpt.manifest import Manifest, Preprocessing
@@ -161,6 +161,26 @@ def test_quantize_errors(tmp_path, fp32, calib_dir):
     assert quantize_main(["--onnx", str(fp32.onnx_path), "--precision", "int8", "--out", str(tmp_path / "x.onnx")]) == 2
     assert quantize_main(["--onnx", str(tmp_path / "nope.onnx"), "--precision", "fp16"]) == 2
     assert not (tmp_path / "x.onnx").exists() and not (tmp_path / "x.json").exists()
+
+
+def test_parity_failure_writes_nothing_unless_allowed(fp32, calib_dir, tmp_path, monkeypatch):
+    from invpt.export.parity import Tolerance
+
+    monkeypatch.setitem(PRECISION_TOLERANCES, "int8", Tolerance(max_rel_err=1e-9, min_cosine=1.0, min_agreement=1.0))
+    out = tmp_path / "strict.int8.onnx"
+    kw = dict(calib_data=calib_dir, calib_samples=2, holdout_samples=1, calib_method="max", cache_dir=tmp_path / "c")
+    with pytest.raises(VerificationError, match="outside the stated tolerance"):
+        run_quantize(fp32.onnx_path, "int8", out, **kw)
+    assert not out.exists() and not out.with_suffix(".json").exists()
+    res = run_quantize(fp32.onnx_path, "int8", out, allow_mismatch=True, **kw)
+    assert out.exists() and not res.parity.passed
+    assert Manifest.load(res.manifest_path).verification["passed"] is False
+    assert {"data_s", "reference_s", "calibrate_s", "parity_s"} <= set(res.timings)
+    out.unlink()
+    argv = ["--onnx", str(fp32.onnx_path), "--precision", "int8", "--out", str(out), "--calib-data", str(calib_dir),
+            "--calib-samples", "2", "--holdout-samples", "1", "--calib-method", "max", "--cache-dir", str(tmp_path / "c")]
+    assert quantize_main(argv) == 3 and not out.exists()
+    assert quantize_main(argv + ["--allow-mismatch"]) == 3 and out.exists()
 
 
 def test_percentile(fp32, calib_dir, tmp_path):
