@@ -19,6 +19,10 @@ EXAMPLES = """examples:
   invpt-quantize --onnx model.onnx --precision int8 --calib-data video.mp4 --sensitivity --budget semseg=0.03,normals=0.05
   invpt-quantize --onnx model.onnx --list-terms                                    # model terms a policy can name
 
+Large models (over 256 MB, e.g. ViT-L) calibrate node by node to bound memory, and each calibration step
+walks every node (~20 min for ViT-L on 2 CPU cores). A --dynamic-batch export calibrates up to 16 samples
+per step; a static batch-1 export takes one step per sample.
+
 Tolerances vs FP32 PyTorch on held-out samples (pass/fail, exit 3 on fail):
   fp16: rel err <= 1e-2, cosine >= 0.9999, agreement >= 0.99
   int8: rel err <= 0.15, cosine >= 0.99,   agreement >= 0.90

@@ -20,6 +20,27 @@ _logger = logging.getLogger(__name__)
 
 CALIB_METHODS = ("entropy", "max", "percentile")
 PER_NODE_CALIBRATION_BYTES = 256 * 2**20
+MAX_CALIBRATION_BATCH = 16
+
+
+def calibration_batch(onnx_path: str | os.PathLike, num_samples: int, input_name: str = "image") -> tuple[int, bool]:
+    """(samples per calibration step, whether the model's batch is dynamic).
+
+    A static-batch model is fed in its own batch. A dynamic-batch model is fed the largest divisor of
+    ``num_samples`` up to ``MAX_CALIBRATION_BATCH``, so that every step has the same shape. Batching matters
+    for node-by-node calibration, which builds one ONNX Runtime session per node per step: ViT-L takes about
+    20 minutes a step on 2 cores whatever the batch, so 8 samples in one step instead of 8 saves over 2 hours.
+    """
+    import onnx
+
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+    inp = next((i for i in proto.graph.input if i.name == input_name), None)
+    if inp is None:
+        raise InputError(f"'{onnx_path}' has no input named '{input_name}'; was it written by invpt-export?")
+    dim = inp.type.tensor_type.shape.dim[0]
+    if dim.HasField("dim_value") and dim.dim_value > 0:
+        return dim.dim_value, False
+    return max(b for b in range(1, min(num_samples, MAX_CALIBRATION_BATCH) + 1) if num_samples % b == 0), True
 
 
 def quantize_int8(onnx_path: str | os.PathLike, out_path: str | os.PathLike, calib: np.ndarray, method: str,
@@ -43,12 +64,27 @@ def _quantize_modelopt(src: Path, out: Path, calib: np.ndarray, method: str, exc
     except ImportError as err:
         raise DependencyError("nvidia-modelopt is not installed; install the calib extra: pip install 'invpt[calib]'.") from err
     level = "DEBUG" if logging.getLogger("invpt").isEnabledFor(logging.DEBUG) else "WARNING"
+    per_node = src.stat().st_size > PER_NODE_CALIBRATION_BYTES
+    batch, dynamic = calibration_batch(src, len(calib), input_name)
+    if len(calib) % batch:
+        raise InputError(f"'{src}' has a static batch of {batch}; give a multiple of {batch} calibration samples "
+                         f"(got {len(calib)}).")
+    steps = len(calib) // batch
+    _logger.info("INT8 %s calibration: %d sample(s) in %d step(s) of batch %d%s", method, len(calib), steps, batch,
+                 ", node by node (bounded memory)" if per_node else "")
+    if per_node and not dynamic and steps > 1:
+        _logger.warning(
+            "'%s' has a static batch of %d, so node-by-node calibration walks the whole graph %d times (about 20 "
+            "minutes each for ViT-L on 2 CPU cores). Export with --dynamic-batch to calibrate in batches of up to %d.",
+            src, batch, steps, MAX_CALIBRATION_BATCH)
+    shapes = f"{input_name}:" + "x".join(str(d) for d in (batch, *calib.shape[1:])) if dynamic else None
     try:
         quantize(
             str(src),
             quantize_mode="int8",
             calibration_data={input_name: calib},
             calibration_method=method,
+            calibration_shapes=shapes,
             calibration_eps=["cpu"],
             op_types_to_quantize=list(QUANTIZABLE_OPS),
             nodes_to_exclude=exact_name_regexes(exclude),
@@ -58,7 +94,7 @@ def _quantize_modelopt(src: Path, out: Path, calib: np.ndarray, method: str, exc
             use_external_data_format=src.stat().st_size > 1_800_000_000,
             # Whole-graph calibration keeps every sample's intermediate tensors: ViT-L (1.6 GB) with 8 samples
             # exceeded 24 GB. Node-by-node calibration bounds memory for large models.
-            calibrate_per_node=src.stat().st_size > PER_NODE_CALIBRATION_BYTES,
+            calibrate_per_node=per_node,
         )
     except Exception as err:
         raise ExportError(f"ModelOpt INT8 quantization of '{src}' failed: {str(err).splitlines()[0][:300]}") from err

@@ -46,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"ONNX opset, {MIN_OPSET}-{MAX_OPSET} (default {DEFAULT_OPSET}: TensorRT 10.3/JetPack 6 to 11.x)")
     b = g.add_mutually_exclusive_group()
     b.add_argument("--batch", type=int, default=1, help="static batch size (default 1)")
-    b.add_argument("--dynamic-batch", action="store_true", help="symbolic batch dimension 'batch' (H and W stay fixed)")
+    b.add_argument("--dynamic-batch", action="store_true",
+                   help="symbolic batch dimension 'batch' (H and W stay fixed); also lets invpt-quantize calibrate up to "
+                   "16 samples per step, which makes ViT-L INT8 calibration up to 16 times faster")
     g.add_argument("--tasks", default=None,
                    help="comma-separated subset of heads to export (e.g. semseg,depth); compute only other heads "
                    "need is dropped. Default: all tasks")

@@ -183,6 +183,17 @@ def test_parity_failure_writes_nothing_unless_allowed(fp32, calib_dir, tmp_path,
     assert quantize_main(argv + ["--allow-mismatch"]) == 3 and out.exists()
 
 
+def test_dynamic_batch_model_calibrates_in_one_step(tiny_pascal_official_ckpt, calib_dir, tmp_path, caplog):
+    """A --dynamic-batch export takes all samples in one calibration step and stays dynamic after quantization."""
+    dyn = run_export(tiny_pascal_official_ckpt, tmp_path / "d.onnx", dynamic_batch=True, verify=False)
+    with caplog.at_level("INFO", logger="invpt.calib"):
+        res = run_quantize(dyn.onnx_path, "int8", calib_data=calib_dir, calib_samples=4, holdout_samples=3,
+                           calib_method="max", cache_dir=tmp_path / "c")
+    assert "4 sample(s) in 1 step(s) of batch 4" in caplog.text
+    assert res.parity.passed and res.parity.samples == 3
+    assert ort_session(res.onnx_path).get_inputs()[0].shape[0] != 1
+
+
 def test_percentile(fp32, calib_dir, tmp_path):
     res = run_quantize(fp32.onnx_path, "int8", tmp_path / "p.int8.onnx", calib_data=calib_dir, calib_samples=4,
                        holdout_samples=2, calib_method="percentile", cache_dir=tmp_path / "c")
@@ -236,3 +247,29 @@ def test_split_selects_the_split_file(tmp_path):
     assert data.provenance["split"] == "train" and data.provenance["source_kind"] == "PascalContextReader"
     val = load_calibration_data(root, prep, 3, holdout=1, cache_dir=tmp_path / "c", split="val")
     assert not val.cache_hit and set(val.calib_ids) <= set(ids["val"])
+
+
+def _identity_onnx(path: Path, batch) -> Path:
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("image", TensorProto.FLOAT, [batch, 3, 8, 8])
+    y = helper.make_tensor_value_info("out", TensorProto.FLOAT, [batch, 3, 8, 8])
+    onnx.save(helper.make_model(helper.make_graph([helper.make_node("Identity", ["image"], ["out"])], "g", [x], [y])), path)
+    return path
+
+
+def test_calibration_batch(tmp_path):
+    """Static models are fed in their batch; dynamic ones in equal steps of up to MAX_CALIBRATION_BATCH."""
+    from invpt.calib.int8 import MAX_CALIBRATION_BATCH, calibration_batch, quantize_int8
+
+    static1, static2 = _identity_onnx(tmp_path / "s1.onnx", 1), _identity_onnx(tmp_path / "s2.onnx", 2)
+    dynamic = _identity_onnx(tmp_path / "d.onnx", "batch")
+    assert calibration_batch(static1, 8) == (1, False)
+    assert calibration_batch(static2, 8) == (2, False)
+    assert calibration_batch(dynamic, 8) == (8, True)
+    assert calibration_batch(dynamic, 7) == (7, True)
+    assert calibration_batch(dynamic, 40) == (10, True) and MAX_CALIBRATION_BATCH == 16
+    assert calibration_batch(dynamic, 17) == (1, True)  # prime above the cap: one sample a step
+    with pytest.raises(InputError, match="multiple of 2"):
+        quantize_int8(static2, tmp_path / "q.onnx", np.zeros((3, 3, 8, 8), np.float32), "max", [])
+    assert not (tmp_path / "q.onnx").exists()
