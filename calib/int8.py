@@ -95,6 +95,9 @@ def _quantize_modelopt(src: Path, out: Path, calib: np.ndarray, method: str, exc
             # Whole-graph calibration keeps every sample's intermediate tensors: ViT-L (1.6 GB) with 8 samples
             # exceeded 24 GB. Node-by-node calibration bounds memory for large models.
             calibrate_per_node=per_node,
+            # Weights stored as INT8 initializers + DequantizeLinear (TensorRT's offline-quantized weight form)
+            # instead of FP32 weights + QuantizeLinear/DequantizeLinear: same numbers, ~4x smaller weights on disk.
+            dq_only=True,
         )
     except Exception as err:
         raise ExportError(f"ModelOpt INT8 quantization of '{src}' failed: {str(err).splitlines()[0][:300]}") from err

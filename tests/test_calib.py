@@ -80,6 +80,16 @@ def test_int8_graph(int8):
     assert w_dq and sum(any(a.name == "axis" for a in n.attribute) for n in w_dq) >= len(w_dq) // 2
 
 
+def test_int8_weights_are_stored_as_int8(int8, fp32):
+    """Weights are INT8 initializers read by DequantizeLinear (TensorRT's offline form), so the file shrinks."""
+    g = onnx.load(str(int8.onnx_path)).graph
+    inits = {i.name: i for i in g.initializer}
+    w_dq = [n for n in g.node if n.op_type == "DequantizeLinear" and n.input[0] in inits]
+    assert len(w_dq) > 10 and all(inits[n.input[0]].data_type == onnx.TensorProto.INT8 for n in w_dq)
+    assert not any(n.op_type == "QuantizeLinear" and n.input[0] in inits for n in g.node)
+    assert int8.onnx_path.stat().st_size < 0.5 * fp32.onnx_path.stat().st_size
+
+
 def test_int8_parity_and_manifest(int8, fp32):
     assert int8.parity.passed and int8.parity.tolerance == PRECISION_TOLERANCES["int8"]
     assert int8.parity.reference == "pytorch-fp32"
