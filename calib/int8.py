@@ -51,24 +51,25 @@ def quantize_int8(onnx_path: str | os.PathLike, out_path: str | os.PathLike, cal
     if calib is None or len(calib) == 0:
         raise InputError("INT8 needs calibration samples; invpt never calibrates on random data (pass --calib-data).")
     out_path = Path(out_path)
+    batch, dynamic = calibration_batch(onnx_path, len(calib), input_name)
+    if len(calib) % batch:
+        raise InputError(f"'{onnx_path}' has a static batch of {batch}; give a multiple of {batch} calibration "
+                         f"samples (got {len(calib)}).")
     if method == "percentile":
-        _quantize_ort(Path(onnx_path), out_path, calib, exclude_nodes, input_name)
+        _quantize_ort(Path(onnx_path), out_path, calib, exclude_nodes, input_name, batch)
     else:
-        _quantize_modelopt(Path(onnx_path), out_path, calib, method, exclude_nodes, input_name)
+        _quantize_modelopt(Path(onnx_path), out_path, calib, method, exclude_nodes, input_name, batch, dynamic)
     return out_path
 
 
-def _quantize_modelopt(src: Path, out: Path, calib: np.ndarray, method: str, exclude: Sequence[str], input_name: str) -> None:
+def _quantize_modelopt(src: Path, out: Path, calib: np.ndarray, method: str, exclude: Sequence[str], input_name: str,
+                       batch: int, dynamic: bool) -> None:
     try:
         from modelopt.onnx.quantization import quantize
     except ImportError as err:
         raise DependencyError("nvidia-modelopt is not installed; install the calib extra: pip install 'invpt[calib]'.") from err
     level = "DEBUG" if logging.getLogger("invpt").isEnabledFor(logging.DEBUG) else "WARNING"
     per_node = src.stat().st_size > PER_NODE_CALIBRATION_BYTES
-    batch, dynamic = calibration_batch(src, len(calib), input_name)
-    if len(calib) % batch:
-        raise InputError(f"'{src}' has a static batch of {batch}; give a multiple of {batch} calibration samples "
-                         f"(got {len(calib)}).")
     steps = len(calib) // batch
     _logger.info("INT8 %s calibration: %d sample(s) in %d step(s) of batch %d%s", method, len(calib), steps, batch,
                  ", node by node (bounded memory)" if per_node else "")
@@ -106,16 +107,16 @@ def _quantize_modelopt(src: Path, out: Path, calib: np.ndarray, method: str, exc
 
 
 class _ArrayReader:
-    """onnxruntime CalibrationDataReader over an array, one sample per call."""
+    """onnxruntime CalibrationDataReader over an array, ``batch`` samples per call."""
 
-    def __init__(self, name: str, data: np.ndarray) -> None:
-        self._it = iter([{name: data[i:i + 1]} for i in range(len(data))])
+    def __init__(self, name: str, data: np.ndarray, batch: int = 1) -> None:
+        self._it = iter([{name: data[i:i + batch]} for i in range(0, len(data), batch)])
 
     def get_next(self):
         return next(self._it, None)
 
 
-def _quantize_ort(src: Path, out: Path, calib: np.ndarray, exclude: Sequence[str], input_name: str) -> None:
+def _quantize_ort(src: Path, out: Path, calib: np.ndarray, exclude: Sequence[str], input_name: str, batch: int) -> None:
     """Percentile calibration with onnxruntime, in a fresh process.
 
     ModelOpt patches onnxruntime's calibrators process-wide when it runs, after which ``quantize_static``
@@ -129,19 +130,19 @@ def _quantize_ort(src: Path, out: Path, calib: np.ndarray, exclude: Sequence[str
         np.save(data, calib)
         ctx = multiprocessing.get_context("spawn")
         with ctx.Pool(1) as pool:
-            error = pool.apply(_ort_worker, (str(src), str(out), str(data), list(exclude), input_name))
+            error = pool.apply(_ort_worker, (str(src), str(out), str(data), list(exclude), input_name, batch))
     if error:
         raise ExportError(f"onnxruntime percentile quantization of '{src}' failed: {error}")
     detach_float_consumers(out, FLOAT_ONLY_OPS)
 
 
-def _ort_worker(src: str, out: str, data: str, exclude: list, input_name: str) -> str:
+def _ort_worker(src: str, out: str, data: str, exclude: list, input_name: str, batch: int) -> str:
     """Runs in the spawned process; returns an error line or ''."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     try:
         quantize_static(
-            src, out, _ArrayReader(input_name, np.load(data)),
+            src, out, _ArrayReader(input_name, np.load(data), batch),
             quant_format=QuantFormat.QDQ, op_types_to_quantize=list(QUANTIZABLE_OPS), per_channel=True,
             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
             calibrate_method=CalibrationMethod.Percentile,

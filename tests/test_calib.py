@@ -241,6 +241,19 @@ def test_static_batch_model_is_fed_in_its_batch(tiny_nyud_official_ckpt, tmp_pat
     np.testing.assert_allclose(out["depth"][2:3], single, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("method", ["max", "percentile"])
+def test_static_batch_2_model_calibrates_in_its_batch(tiny_nyud_official_ckpt, calib_dir, tmp_path, method):
+    """Both calibrators feed a batch-2 export two samples a step; an odd sample count is refused by name."""
+    res = run_export(tiny_nyud_official_ckpt, tmp_path / "b2.onnx", batch=2, verify=False)
+    q = run_quantize(res.onnx_path, "int8", calib_data=calib_dir, calib_samples=4, holdout_samples=2,
+                     calib_method=method, cache_dir=tmp_path / "c")
+    assert q.parity.passed and ort_session(q.onnx_path).get_inputs()[0].shape[0] == 2
+    with pytest.raises(InputError, match="multiple of 2"):
+        run_quantize(res.onnx_path, "int8", tmp_path / "odd.onnx", calib_data=calib_dir, calib_samples=3,
+                     holdout_samples=2, calib_method=method, cache_dir=tmp_path / "c")
+    assert not (tmp_path / "odd.onnx").exists()
+
+
 def test_split_selects_the_split_file(tmp_path):
     """Sampling from a PASCAL-Context root honours --split: train ids only, never val ids."""
     root = tmp_path / "PASCALContext"
