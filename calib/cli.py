@@ -21,7 +21,8 @@ EXAMPLES = """examples:
 
 Large models (over 256 MB, e.g. ViT-L) calibrate node by node to bound memory, and each calibration step
 walks every node (~20 min for ViT-L on 2 CPU cores). A --dynamic-batch export calibrates up to 16 samples
-per step; a static batch-1 export takes one step per sample.
+per step; a static batch-1 export takes one step per sample. With RAM to spare, --no-calibrate-per-node
+calibrates the whole graph at once instead.
 
 Tolerances vs FP32 PyTorch on held-out samples (pass/fail, exit 3 on fail):
   fp16: rel err <= 1e-2, cosine >= 0.9999, agreement >= 0.99
@@ -73,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="further images, never used for calibration, for the parity check (default 4)")
     c.add_argument("--calib-method", choices=("entropy", "max", "percentile"), default="entropy",
                    help="activation range calibration (default entropy)")
+    c.add_argument("--calibrate-per-node", action=argparse.BooleanOptionalAction, default=None,
+                   help="entropy/max: calibrate node by node (bounded memory, ~1 s per node per step on 2 cores) or, "
+                   "with --no-calibrate-per-node, the whole graph at once (much faster, but holds every intermediate "
+                   "tensor of a step: ViT-L with 8 samples ran out of 24 GB). Default: node by node for models over "
+                   "256 MB. Ignored by percentile")
     c.add_argument("--split", default="val", help="split file of a PASCAL-Context/NYUD-v2 root to sample from (default val)")
     c.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     c.add_argument("--cache-dir", default=None, help="prepared-tensor cache (default $INVPT_CACHE_DIR or ~/.cache/invpt)")
@@ -124,6 +130,7 @@ def _run(args: argparse.Namespace) -> int:
         seed=args.seed, cache_dir=args.cache_dir, split=args.split, ckpt=args.ckpt,
         verify=not args.no_verify, sensitivity=args.sensitivity, budgets=_budgets(args.budget),
         command="invpt-quantize " + shlex.join(sys.argv[1:]), allow_mismatch=args.allow_mismatch,
+        calibrate_per_node=args.calibrate_per_node,
     )
     if res.parity is not None and not res.parity.passed:
         bad = sorted(k for k, v in res.parity.tasks.items() if not v.passed)

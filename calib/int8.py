@@ -43,9 +43,25 @@ def calibration_batch(onnx_path: str | os.PathLike, num_samples: int, input_name
     return max(b for b in range(1, min(num_samples, MAX_CALIBRATION_BATCH) + 1) if num_samples % b == 0), True
 
 
+def calibrates_per_node(onnx_path: str | os.PathLike, per_node: bool | None = None) -> bool:
+    """Whether ModelOpt calibrates ``onnx_path`` node by node: ``per_node`` if given, else for models over 256 MB.
+
+    Whole-graph calibration keeps every intermediate tensor of a step in memory (ViT-L with 8 samples exceeded
+    24 GB); node-by-node calibration bounds memory but builds one ONNX Runtime session per node per step
+    (about 1 s a node on 2 CPU cores). Where RAM allows, whole-graph calibration is much faster.
+    """
+    if per_node is not None:
+        return bool(per_node)
+    return Path(onnx_path).stat().st_size > PER_NODE_CALIBRATION_BYTES
+
+
 def quantize_int8(onnx_path: str | os.PathLike, out_path: str | os.PathLike, calib: np.ndarray, method: str,
-                  exclude_nodes: Sequence[str], input_name: str = "image") -> Path:
-    """Write a Q/DQ INT8 model of ``onnx_path`` calibrated on ``calib`` [N, 3, H, W]."""
+                  exclude_nodes: Sequence[str], input_name: str = "image", per_node: bool | None = None) -> Path:
+    """Write a Q/DQ INT8 model of ``onnx_path`` calibrated on ``calib`` [N, 3, H, W].
+
+    ``per_node`` picks ModelOpt's node-by-node calibration (see ``calibrates_per_node``; None = by model size).
+    The onnxruntime ``percentile`` path has no such mode and ignores it.
+    """
     if method not in CALIB_METHODS:
         raise InputError(f"Unknown calibration method '{method}'; use one of {', '.join(CALIB_METHODS)}.")
     if calib is None or len(calib) == 0:
@@ -58,21 +74,21 @@ def quantize_int8(onnx_path: str | os.PathLike, out_path: str | os.PathLike, cal
     if method == "percentile":
         _quantize_ort(Path(onnx_path), out_path, calib, exclude_nodes, input_name, batch)
     else:
-        _quantize_modelopt(Path(onnx_path), out_path, calib, method, exclude_nodes, input_name, batch, dynamic)
+        _quantize_modelopt(Path(onnx_path), out_path, calib, method, exclude_nodes, input_name, batch, dynamic,
+                           calibrates_per_node(onnx_path, per_node))
     return out_path
 
 
 def _quantize_modelopt(src: Path, out: Path, calib: np.ndarray, method: str, exclude: Sequence[str], input_name: str,
-                       batch: int, dynamic: bool) -> None:
+                       batch: int, dynamic: bool, per_node: bool) -> None:
     try:
         from modelopt.onnx.quantization import quantize
     except ImportError as err:
         raise DependencyError("nvidia-modelopt is not installed; install the calib extra: pip install 'invpt[calib]'.") from err
     level = "DEBUG" if logging.getLogger("invpt").isEnabledFor(logging.DEBUG) else "WARNING"
-    per_node = src.stat().st_size > PER_NODE_CALIBRATION_BYTES
     steps = len(calib) // batch
     _logger.info("INT8 %s calibration: %d sample(s) in %d step(s) of batch %d%s", method, len(calib), steps, batch,
-                 ", node by node (bounded memory)" if per_node else "")
+                 ", node by node (bounded memory)" if per_node else ", whole graph")
     if per_node and not dynamic and steps > 1:
         _logger.warning(
             "'%s' has a static batch of %d, so node-by-node calibration walks the whole graph %d times (about 20 "
@@ -93,9 +109,7 @@ def _quantize_modelopt(src: Path, out: Path, calib: np.ndarray, method: str, exc
             output_path=str(out),
             log_level=level,
             use_external_data_format=src.stat().st_size > 1_800_000_000,
-            # Whole-graph calibration keeps every sample's intermediate tensors: ViT-L (1.6 GB) with 8 samples
-            # exceeded 24 GB. Node-by-node calibration bounds memory for large models.
-            calibrate_per_node=per_node,
+            calibrate_per_node=per_node,  # see calibrates_per_node
             # Weights stored as INT8 initializers + DequantizeLinear (TensorRT's offline-quantized weight form)
             # instead of FP32 weights + QuantizeLinear/DequantizeLinear: same numbers, ~4x smaller weights on disk.
             dq_only=True,

@@ -21,7 +21,7 @@ from invpt.artifacts import publish, staging_dir
 from invpt.calib.data import CalibrationData, load_calibration_data
 from invpt.calib.evaluate import PRECISION_TOLERANCES, evaluate, reference_outputs, run_onnx_batches, task_table
 from invpt.calib.fp16 import convert_fp16
-from invpt.calib.int8 import CALIB_METHODS, quantize_int8
+from invpt.calib.int8 import CALIB_METHODS, calibrates_per_node, quantize_int8
 from invpt.calib.policy import select_nodes
 from invpt.errors import InputError, ManifestError, VerificationError
 from invpt.export.graph_checks import check_graph
@@ -110,12 +110,14 @@ def run_quantize(
     budgets: Optional[Mapping[str, float]] = None,
     command: Optional[str] = None,
     allow_mismatch: bool = False,
+    calibrate_per_node: Optional[bool] = None,
 ) -> QuantizeResult:
     """Produce a verified FP16 or INT8 ONNX plus manifest from an exported FP32 ONNX. See ``invpt-quantize --help``.
 
     A parity failure raises ``VerificationError`` and writes nothing, unless ``allow_mismatch``: then the file is
     written with ``verification.passed = false`` in its manifest (for benchmarks and for inspecting a bad model), and
-    the caller decides what to do with ``result.parity.passed``.
+    the caller decides what to do with ``result.parity.passed``. ``calibrate_per_node`` forces ModelOpt's
+    node-by-node (True) or whole-graph (False) calibration; None picks by model size.
     """
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
@@ -174,7 +176,8 @@ def run_quantize(
                 raise InputError("--sensitivity applies to --precision int8.")
             from invpt.calib.sensitivity import run_sensitivity
 
-            sens_report = run_sensitivity(onnx_path, staging, data, ref, specs, selection, calib_method, cfg, budgets)
+            sens_report = run_sensitivity(onnx_path, staging, data, ref, specs, selection, calib_method, cfg, budgets,
+                                          per_node=calibrate_per_node)
             extra = sens_report.get("search", {}).get("keep_blocks", [])
             if extra:
                 selection = select_nodes(onnx_path, precision, policy, list(keep_terms) + list(extra), tasks,
@@ -184,7 +187,8 @@ def run_quantize(
         if precision == "fp16":
             convert_fp16(onnx_path, tmp_out, selection.kept_nodes, selection.policy.keep_op_types)
         else:
-            quantize_int8(onnx_path, tmp_out, data.calib, calib_method, selection.kept_nodes)
+            quantize_int8(onnx_path, tmp_out, data.calib, calib_method, selection.kept_nodes,
+                          per_node=calibrate_per_node)
         check_graph(tmp_out)
         audit = graph_audit(tmp_out)
         if precision == "int8":
@@ -211,6 +215,8 @@ def run_quantize(
         if precision == "int8":
             calibration = {**data.provenance, "method": calib_method,
                            "tool": "onnxruntime quantize_static" if calib_method == "percentile" else "nvidia-modelopt"}
+            if calib_method != "percentile":
+                calibration["per_node"] = calibrates_per_node(onnx_path, calibrate_per_node)
         man = manifest.replace(
             artifact=out.name,
             precision=precision,

@@ -94,8 +94,11 @@ def _markdown(report: dict) -> str:
 
 def run_sensitivity(onnx_path: Path, workdir: Path, data, ref: Mapping[str, np.ndarray], specs: Sequence[TaskSpec],
                     selection: NodeSelection, method: str, cfg: InvPTConfig,
-                    budgets: Optional[Mapping[str, float]] = None) -> dict:
-    """Measure every block alone in INT8, search the keep-set for ``budgets``; writes JSON, Markdown and PNG."""
+                    budgets: Optional[Mapping[str, float]] = None, per_node: Optional[bool] = None) -> dict:
+    """Measure every block alone in INT8, search the keep-set for ``budgets``; writes JSON, Markdown and PNG.
+
+    ``per_node`` is passed to ``quantize_int8`` (node-by-node or whole-graph calibration; None = by model size).
+    """
     from tqdm import tqdm
 
     tasks = [s.name for s in specs]
@@ -112,7 +115,7 @@ def run_sensitivity(onnx_path: Path, workdir: Path, data, ref: Mapping[str, np.n
         exclude = base_excluded | (set(all_q) - mine)
         tmp = workdir / f"sens_{block}.onnx"
         try:
-            quantize_int8(onnx_path, tmp, data.calib, method, sorted(exclude))
+            quantize_int8(onnx_path, tmp, data.calib, method, sorted(exclude), per_node=per_node)
         except ExportError as err:  # e.g. a calibrator that cannot handle a single small block
             _logger.warning("sensitivity: %s could not be quantized alone (%s); left out of the report", block, err)
             failed[block] = str(err)
@@ -126,7 +129,7 @@ def run_sensitivity(onnx_path: Path, workdir: Path, data, ref: Mapping[str, np.n
     keep = greedy_keep(per_block, budgets)
     exclude = base_excluded | {n for b in keep for n in blocks[b]}
     tmp = workdir / "sens_search.onnx"
-    quantize_int8(onnx_path, tmp, data.calib, method, sorted(exclude))
+    quantize_int8(onnx_path, tmp, data.calib, method, sorted(exclude), per_node=per_node)
     report["search"] = {"budgets": budgets, "keep_blocks": keep, "measured": _measure(tmp, data.holdout, ref, specs)}
     tmp.unlink(missing_ok=True)
     stem = onnx_path.stem + ".int8"

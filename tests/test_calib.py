@@ -96,6 +96,7 @@ def test_int8_parity_and_manifest(int8, fp32):
     m = Manifest.load(int8.manifest_path)
     assert m.precision == "int8" and m.parent["sha256"] == fp32.manifest.sha256
     assert m.calibration["num_samples"] == 6 and m.calibration["method"] == "entropy"
+    assert m.calibration["per_node"] is False  # a 20 MB model calibrates the whole graph at once
     assert len(m.calibration["sample_list_sha256"]) == 64
     assert set(m.verification["holdout_ids"]).isdisjoint(set())  # recorded
     assert m.precision_policy["name"] == "default" and m.precision_policy["kept_node_counts"]["decoder.attention_scores"] > 0
@@ -296,3 +297,20 @@ def test_calibration_batch(tmp_path):
     with pytest.raises(InputError, match="multiple of 2"):
         quantize_int8(static2, tmp_path / "q.onnx", np.zeros((3, 3, 8, 8), np.float32), "max", [])
     assert not (tmp_path / "q.onnx").exists()
+
+
+def test_calibrates_per_node_by_size_unless_told(tmp_path, monkeypatch):
+    """Node-by-node calibration is automatic above the size threshold; the CLI flag overrides it either way."""
+    from invpt.calib import int8 as int8_mod
+    from invpt.calib.cli import build_parser
+
+    model = _identity_onnx(tmp_path / "s1.onnx", 1)
+    assert int8_mod.calibrates_per_node(model) is False
+    monkeypatch.setattr(int8_mod, "PER_NODE_CALIBRATION_BYTES", model.stat().st_size - 1)
+    assert int8_mod.calibrates_per_node(model) is True
+    assert int8_mod.calibrates_per_node(model, False) is False
+    assert int8_mod.calibrates_per_node(model, True) is True
+    base = ["--onnx", str(model), "--precision", "int8"]
+    assert build_parser().parse_args(base).calibrate_per_node is None
+    assert build_parser().parse_args(base + ["--no-calibrate-per-node"]).calibrate_per_node is False
+    assert build_parser().parse_args(base + ["--calibrate-per-node"]).calibrate_per_node is True
