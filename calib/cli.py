@@ -20,7 +20,7 @@ EXAMPLES = """examples:
   invpt-quantize --onnx model.onnx --list-terms                                    # model terms a policy can name
 
 Large models (over 256 MB, e.g. ViT-L) calibrate node by node to bound memory, and each calibration step
-walks every node (~20 min for ViT-L on 2 CPU cores). A --dynamic-batch export calibrates up to 16 samples
+walks every node (ViT-L on 2 CPU cores: ~21 min at batch 1, 34 min at batch 8). A --dynamic-batch export calibrates up to 16 samples
 per step; a static batch-1 export takes one step per sample. With RAM to spare, --no-calibrate-per-node
 calibrates the whole graph at once instead.
 

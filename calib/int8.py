@@ -28,8 +28,8 @@ def calibration_batch(onnx_path: str | os.PathLike, num_samples: int, input_name
 
     A static-batch model is fed in its own batch. A dynamic-batch model is fed the largest divisor of
     ``num_samples`` up to ``MAX_CALIBRATION_BATCH``, so that every step has the same shape. Batching matters
-    for node-by-node calibration, which builds one ONNX Runtime session per node per step: ViT-L takes about
-    20 minutes a step on 2 cores whatever the batch, so 8 samples in one step instead of 8 saves over 2 hours.
+    for node-by-node calibration, which builds one ONNX Runtime session per node per step: a ViT-L step took about
+    21 minutes at batch 1 and 34 at batch 8 on 2 cores, so 8 samples in one step instead of 8 saves over 2 hours.
     """
     import onnx
 
@@ -48,7 +48,7 @@ def calibrates_per_node(onnx_path: str | os.PathLike, per_node: bool | None = No
 
     Whole-graph calibration keeps every intermediate tensor of every sample until it builds the histograms
     (ViT-L: 229 s and ~21 GiB for 2 samples; 8 samples exceeded 24 GB); node-by-node calibration bounds memory
-    but builds one ONNX Runtime session per node per step (about 1 s a node on 2 CPU cores: ~34 min a step for
+    but builds one ONNX Runtime session per node per step (about 1 s a node on 2 CPU cores: 21-34 min a step for
     ViT-L). Where RAM allows, whole-graph calibration of a few samples is much faster.
     """
     if per_node is not None:

@@ -162,6 +162,7 @@ def run_quantize(
         holdout_desc = f"{len(holdout)} seeded random input(s) (no --calib-data given)"
 
     selection = select_nodes(onnx_path, precision, policy, keep_terms, tasks, cfg.backbone.depth)
+    per_node = calibrates_per_node(onnx_path, calibrate_per_node)  # ModelOpt only; percentile ignores it
     lap("data_s")
     sens_report = None
     with staging_dir(out, InputError) as staging:
@@ -177,7 +178,7 @@ def run_quantize(
             from invpt.calib.sensitivity import run_sensitivity
 
             sens_report = run_sensitivity(onnx_path, staging, data, ref, specs, selection, calib_method, cfg, budgets,
-                                          per_node=calibrate_per_node)
+                                          per_node=per_node)
             extra = sens_report.get("search", {}).get("keep_blocks", [])
             if extra:
                 selection = select_nodes(onnx_path, precision, policy, list(keep_terms) + list(extra), tasks,
@@ -187,8 +188,7 @@ def run_quantize(
         if precision == "fp16":
             convert_fp16(onnx_path, tmp_out, selection.kept_nodes, selection.policy.keep_op_types)
         else:
-            quantize_int8(onnx_path, tmp_out, data.calib, calib_method, selection.kept_nodes,
-                          per_node=calibrate_per_node)
+            quantize_int8(onnx_path, tmp_out, data.calib, calib_method, selection.kept_nodes, per_node=per_node)
         check_graph(tmp_out)
         audit = graph_audit(tmp_out)
         if precision == "int8":
@@ -216,7 +216,7 @@ def run_quantize(
             calibration = {**data.provenance, "method": calib_method,
                            "tool": "onnxruntime quantize_static" if calib_method == "percentile" else "nvidia-modelopt"}
             if calib_method != "percentile":
-                calibration["per_node"] = calibrates_per_node(onnx_path, calibrate_per_node)
+                calibration["per_node"] = per_node
         man = manifest.replace(
             artifact=out.name,
             precision=precision,
