@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
-from invpt.errors import InvptError
+from invpt.errors import InputError, InvptError
 
 LOG_FORMAT = "[invpt] %(levelname)s %(message)s"
 
@@ -94,6 +94,20 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def parse_task_list(text: Optional[str], flag: str = "--tasks") -> Optional[list[str]]:
+    """``"semseg, depth"`` -> ``["semseg", "depth"]``; None (flag not given) -> None (all tasks).
+
+    A flag given with nothing in it (``--tasks ""`` or ``--tasks ,``) is an error, never "all tasks".
+    """
+    if text is None:
+        return None
+    tasks = [t.strip() for t in text.split(",") if t.strip()]
+    if not tasks:
+        raise InputError(f"{flag} was given but names no task ({text!r}). Name tasks separated by commas, e.g. "
+                         f"{flag} semseg,normals, or leave {flag} out to use every task.")
+    return tasks
 
 
 def human_size(n: float) -> str:
