@@ -2,14 +2,24 @@
 
 Public API: :func:`run_export` (the whole stage), :func:`export_onnx` (graph only),
 :func:`verify_onnx` and :func:`compare_outputs` (parity), :func:`check_graph`.
+Names are imported on first use (PEP 562), so importing the package (and ``invpt-export --help``) stays fast.
 """
-from invpt.export.graph_checks import check_graph, expected_resize_sizes, resize_sites
-from invpt.export.onnx_export import DEFAULT_OPSET, OnnxExportWrapper, export_onnx
-from invpt.export.parity import FP32_TOLERANCE, ParityReport, Tolerance, compare_outputs
-from invpt.export.pipeline import ExportResult, run_export, verify_onnx
+from invpt.lazy import lazy_face
 
-__all__ = [
-    "DEFAULT_OPSET", "ExportResult", "FP32_TOLERANCE", "OnnxExportWrapper", "ParityReport", "Tolerance",
-    "check_graph", "compare_outputs", "expected_resize_sizes", "export_onnx", "resize_sites", "run_export",
-    "verify_onnx",
-]
+_EXPORTS = {
+    "check_graph": "invpt.export.graph_checks",
+    "expected_resize_sizes": "invpt.export.graph_checks",
+    "resize_sites": "invpt.export.graph_checks",
+    "DEFAULT_OPSET": "invpt.export.onnx_export",
+    "OnnxExportWrapper": "invpt.export.onnx_export",
+    "export_onnx": "invpt.export.onnx_export",
+    "FP32_TOLERANCE": "invpt.export.parity",
+    "ParityReport": "invpt.export.parity",
+    "Tolerance": "invpt.export.parity",
+    "compare_outputs": "invpt.export.parity",
+    "ExportResult": "invpt.export.pipeline",
+    "run_export": "invpt.export.pipeline",
+    "verify_onnx": "invpt.export.pipeline",
+}
+__getattr__, __dir__ = lazy_face(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)

@@ -9,7 +9,7 @@ import torch
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 REPO = Path(__file__).resolve().parents[1]
-SHARED_REFERENCE = REPO.parent / "shared" / "reference"
+TEST_DATA = Path(__file__).resolve().parent / "data"  # vendored reference facts (official key/shape listings)
 
 
 def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

@@ -8,14 +8,12 @@ import torch
 
 import invpt
 from invpt.checkpoint import shape_signature
-from tests.conftest import SHARED_REFERENCE
+from tests.conftest import TEST_DATA
 
 
 @pytest.mark.parametrize("preset,ref,params", [("pascal_vitl", "pascal", 422_929_810), ("nyud_vitl", "nyud", 402_092_888)])
 def test_vitl_matches_official_state_dict(preset, ref, params):
-    path = SHARED_REFERENCE / f"official_state_dict_{ref}_vitL.json"
-    if not path.exists():
-        pytest.skip(f"{path} not present (it lives in ../shared/reference beside the checkout)")
+    path = TEST_DATA / f"official_state_dict_{ref}_vitL.json"  # vendored: key names and shapes of the releases
     official = {k: tuple(v) for k, v in json.loads(path.read_text()).items()}
     with torch.device("meta"):
         model = invpt.build_model(preset)
