@@ -2,30 +2,52 @@
 preprocessed exactly as the manifest says, and cached.
 
 Samples are split into a calibration set and a disjoint held-out set (parity is always measured on
-images the calibrator never saw). Prepared tensors are cached in an NPZ keyed by (source files and their
-size/mtime, preprocessing, sample list), so a second run with the same inputs reads the cache, and any
-change to the data or the preprocessing builds a new one.
+images the calibrator never saw). Held-out samples are images of real content: in ``pad`` mode an image much
+smaller than the model input is mostly padding, so a held-out candidate with less than :data:`CONTENT_MIN` of
+the input covered by image content is replaced (seeded, deterministic) by one that has enough, and data whose
+calibration samples are mostly padding is refused.
+
+Prepared tensors are cached in one NPZ per entry, keyed by (source files and their size/mtime, preprocessing,
+sample list). The NPZ also holds a metadata record (key, sample ids, shapes, dtype, sha256 of each tensor), and
+a hit is used only after all of it checks out; anything else is reported, removed and rebuilt. Entries are
+written to a temp file in the cache folder, fsynced and renamed into place, so a killed run never leaves a
+half-written entry; temp files of dead runs are removed by the next run that writes there.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import math
 import os
+import re
+import secrets
+import stat
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-from invpt.data.datasets import ImageSource, open_source
-from invpt.data.transforms import preprocess
+from invpt.data.datasets import ImageSource, VideoReader, open_source
+from invpt.data.transforms import content_fraction, content_fraction_for, preprocess
 from invpt.errors import InputError
 from invpt.manifest import Preprocessing
 
 _logger = logging.getLogger(__name__)
 
 CACHE_ENV = "INVPT_CACHE_DIR"
+
+#: A sample whose image content covers less than this fraction of the model input is "mostly padding".
+CONTENT_MIN = 0.25
+#: Version of the cache entry layout (arrays ``calib``, ``holdout``, ``meta``); part of the cache key.
+CACHE_FORMAT = 2
+#: Temp files of cache writes older than this are removed even if their writer's pid looks alive.
+STALE_TMP_AGE_S = 3600.0
+
+_TMP_GLOB = ".calib-*.tmp.npz"
+_TMP_PID = re.compile(r"^\.calib-[0-9a-f]+(?:\.npz)?\.(\d+)(?:\.[^.]+)?\.tmp\.npz$")
 
 
 def default_cache_dir() -> Path:
@@ -92,26 +114,348 @@ def cache_key(source_path: Path, fingerprint: list, prep: Preprocessing, n: int,
     """sha256 over everything the prepared tensors depend on."""
     blob = json.dumps(
         {"source": str(source_path.resolve()), "split": split, "files": fingerprint, "preprocessing": asdict(prep),
-         "n": n, "holdout": holdout, "seed": seed, "version": 1},
+         "n": n, "holdout": holdout, "seed": seed, "content_min": CONTENT_MIN, "version": CACHE_FORMAT},
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _prepare(source: ImageSource, indices: list[int], prep: Preprocessing, desc: str) -> np.ndarray:
+def _where(source: ImageSource, i: int, ids: list[str]) -> str:
+    """The file of sample ``i`` (image sources) or its id in the source (videos), for messages."""
+    name = getattr(source, "image_path", None)
+    return str(name(i)) if name else f"{ids[i]} of {source.describe()}"
+
+
+def _too_large_fix(prep: Preprocessing) -> str:
+    """Advice for an image larger than the model input in 'pad' mode, naming what invpt-quantize users can change."""
+    H, W = prep.size
+    return (
+        f"invpt-quantize uses the preprocessing recorded in the model's manifest ('pad' at {H}x{W}), so downscale "
+        f"the calibration images to at most {H}x{W}, or re-export the model with invpt-export --preprocess resize "
+        "(which stretches every image to the input size) and run invpt-quantize on that ONNX."
+    )
+
+
+def _prepare(source: ImageSource, indices: list[int], prep: Preprocessing,
+             desc: str) -> tuple[np.ndarray, list[list[int]], list[float]]:
+    """Preprocessed ``[n,3,H,W]`` float32 tensors, each sample's original ``[h, w]`` and its content fraction."""
     from tqdm import tqdm
 
     out = np.empty((len(indices), 3, *prep.size), dtype=np.float32)
+    hws: list[list[int]] = []
+    fractions: list[float] = []
     ids = source.ids()
+    fix = _too_large_fix(prep)
     for k, i in enumerate(tqdm(indices, desc=desc, unit="img", disable=None)):
-        name = getattr(source, "image_path", None)
-        where = name(i) if name else f"{ids[i]} of {source.describe()}"
+        where = _where(source, i, ids)
         img = source.load(i)
-        x, _ = preprocess(img, prep.size, prep.mode, prep.mean, prep.std, source=where)
+        x, info = preprocess(img, prep.size, prep.mode, prep.mean, prep.std, source=where, fix=fix)
         if not np.isfinite(x).all():
             raise InputError(f"Calibration sample '{where}' contains NaN or Inf after preprocessing; remove or fix it.")
         out[k] = x
-    return out
+        hws.append([int(v) for v in info.original_hw])
+        fractions.append(content_fraction(info))
+    return out, hws, fractions
+
+
+class _SizeProbe:
+    """Decoded size of source samples, memoised (a video's frames all share one size, so it decodes one)."""
+
+    def __init__(self, source: ImageSource) -> None:
+        self.source = source
+        self.uniform = isinstance(source, VideoReader)
+        self.sizes: dict[int, tuple[int, int]] = {}
+
+    def __call__(self, i: int) -> tuple[int, int]:
+        key = 0 if self.uniform else i
+        if key not in self.sizes:
+            img = self.source.load(i)
+            self.sizes[key] = (int(img.shape[0]), int(img.shape[1]))
+        return self.sizes[key]
+
+
+def _draw_holdout(source: ImageSource, drawn: list[int], taken: set[int], prep: Preprocessing,
+                  seed: int) -> tuple[list[int], int]:
+    """Replace held-out candidates that are mostly padding by images of real content (seeded, deterministic).
+
+    ``drawn`` are the held-out picks of the stratified sample and ``taken`` every index of that sample; the
+    replacements come from the other images, in a seeded order, preferring the stratum of the replaced sample.
+    A candidate that cannot be read is skipped (with a warning). Returns the held-out indices and how many were
+    replaced; when the source has too few images of real content some low-content picks stay (the caller warns,
+    or refuses if none is left with real content).
+    """
+    if prep.mode != "pad" or not drawn:
+        return list(drawn), 0
+    probe = _SizeProbe(source)
+
+    def real(i: int) -> bool:
+        return content_fraction_for(probe(i), prep.size, prep.mode) >= CONTENT_MIN
+
+    keep = [real(i) for i in drawn]
+    if all(keep):
+        return list(drawn), 0
+    rng = np.random.default_rng([seed, 0x4F1D])  # a stream of its own: the stratified sample is unchanged
+    pool = [int(j) for j in rng.permutation(len(source)) if int(j) not in taken]
+    ids = source.ids()
+    unreadable: set[int] = set()
+
+    def eligible(j: int) -> bool:
+        if j in unreadable:
+            return False
+        try:
+            return real(j)
+        except InputError as err:
+            _logger.warning("skipping %s while drawing held-out images: %s", _where(source, j, ids), err)
+            unreadable.add(j)
+            return False
+
+    out, used, replaced = [], set(), 0
+    for i, ok in zip(drawn, keep):
+        if ok:
+            out.append(i)
+            continue
+        stratum = source.strata(i)
+        pick = next((j for j in pool if j not in used and source.strata(j) == stratum and eligible(j)), None)
+        if pick is None:
+            pick = next((j for j in pool if j not in used and eligible(j)), None)
+        if pick is None:
+            out.append(i)
+        else:
+            out.append(pick)
+            used.add(pick)
+            replaced += 1
+    if replaced:
+        _logger.info("%d held-out candidate(s) were mostly padding; replaced by images with at least %d%% content",
+                     replaced, round(CONTENT_MIN * 100))
+    return out, replaced
+
+
+def _examples(source: ImageSource, picks: list[tuple[int, list[int], float]], ids: list[str]) -> str:
+    """A few samples as 'file' (HxW, n% content); ids for videos (the message names the video already)."""
+    name = getattr(source, "image_path", None)
+    shown = [f"'{name(i) if name else ids[i]}' ({hw[0]}x{hw[1]}, {frac:.1%} content)" for i, hw, frac in picks[:3]]
+    more = f" and {len(picks) - 3} more" if len(picks) > 3 else ""
+    return ", ".join(shown) + more
+
+
+def _check_content(path: Path, source: ImageSource, prep: Preprocessing, calib_idx: list[int],
+                   calib_hw: list[list[int]], calib_frac: list[float], hold_idx: list[int],
+                   hold_hw: list[list[int]], hold_frac: list[float], calibrating: bool = True) -> None:
+    """Refuse calibration data that is mostly padding, or held-out data without real content; warn on some."""
+    ids = source.ids()
+    H, W = prep.size
+    low_c = [(i, hw, f) for i, hw, f in zip(calib_idx, calib_hw, calib_frac) if f < CONTENT_MIN]
+    low_h = [(i, hw, f) for i, hw, f in zip(hold_idx, hold_hw, hold_frac) if f < CONTENT_MIN]
+    pct = round(CONTENT_MIN * 100)
+    min_hw = f"{math.ceil(H / 2)}x{math.ceil(W / 2)}"
+    geometry = (f"the model input is {H}x{W} and its manifest records '{prep.mode}' preprocessing, which centres each "
+                "image unscaled in a zero canvas")
+    fix = (f"Calibrate on images of at least {min_hw} pixels (a folder of such images, a video, or a "
+           "PASCAL-Context/NYUD-v2 root as --calib-data), or re-export the model with invpt-export --preprocess resize "
+           "(which stretches every image to the input size) and run invpt-quantize on that ONNX.")
+    if calibrating and len(low_c) * 2 > len(calib_idx):
+        raise InputError(
+            f"Calibration data '{path}' is mostly padding: {len(low_c)} of {len(calib_idx)} calibration samples have "
+            f"less than {pct}% image content, e.g. {_examples(source, low_c, ids)}; {geometry}. An INT8 model "
+            "calibrated on padding gets activation ranges for padding, passes a check on padding and is wrong on "
+            f"real images. {fix}"
+        )
+    if hold_idx and len(low_h) == len(hold_idx):
+        raise InputError(
+            f"Calibration data '{path}' has no held-out image with real content: all {len(hold_idx)} held-out samples "
+            f"have less than {pct}% image content, e.g. {_examples(source, low_h, ids)}, and no image outside the "
+            f"calibration set has more; {geometry}. A parity check on padding would pass a model that is wrong on "
+            f"real images. {fix}"
+        )
+    if low_c:
+        _logger.warning(
+            "%d of %d calibration samples of '%s' have less than %d%% image content (mostly padding in the %dx%d "
+            "input), e.g. %s; calibration ranges are set mostly by the others. Larger images calibrate better.",
+            len(low_c), len(calib_idx), path, pct, H, W, _examples(source, low_c, ids))
+    if low_h:
+        _logger.warning(
+            "%d of %d held-out samples of '%s' have less than %d%% image content, e.g. %s: the source has too few "
+            "other images of at least %s pixels, so the parity check rests on the other %d.",
+            len(low_h), len(hold_idx), path, pct, _examples(source, low_h, ids), min_hw, len(hold_idx) - len(low_h))
+
+
+def _summary(fractions: list[float]) -> Optional[dict]:
+    if not fractions:
+        return None
+    return {"min": float(min(fractions)), "mean": float(np.mean(fractions))}
+
+
+# ---------------------------------------------------------------------------------------------- cache
+
+
+class _InvalidCache(Exception):
+    """A cache entry that must not be used; the message is the reason."""
+
+
+def _tensor_sha256(a: np.ndarray) -> str:
+    """sha256 of the tensor's bytes (C order), hashed in place."""
+    return hashlib.sha256(np.ascontiguousarray(a).data).hexdigest()
+
+
+def _is_hw_list(v: object, n: int) -> bool:
+    return (isinstance(v, list) and len(v) == n
+            and all(isinstance(hw, list) and len(hw) == 2 and all(type(x) is int and x > 0 for x in hw) for hw in v))
+
+
+def _is_fraction_list(v: object, n: int) -> bool:
+    return (isinstance(v, list) and len(v) == n
+            and all(type(x) in (int, float) and math.isfinite(x) and 0.0 <= x <= 1.0 for x in v))
+
+
+def _read_cache(file: Path, key: str, calib_ids: list[str], hold_ids: list[str],
+                size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Read and validate one entry; raises :class:`_InvalidCache` with the reason if anything is off."""
+    try:
+        with np.load(file, allow_pickle=False) as z:
+            missing = sorted({"calib", "holdout", "meta"} - set(z.files))
+            if missing:
+                raise _InvalidCache(f"missing array(s) {', '.join(missing)}")
+            raw, calib, hold = z["meta"], z["calib"], z["holdout"]
+    except _InvalidCache:
+        raise
+    except Exception as err:  # noqa: BLE001 - every way a damaged file fails to read (zip, zlib, npy, pickle refusal)
+        raise _InvalidCache(f"unreadable as an NPZ cache entry ({type(err).__name__}: {err})") from None
+    if raw.dtype != np.uint8 or raw.ndim != 1:
+        raise _InvalidCache("metadata record has the wrong type")
+    try:
+        meta = json.loads(raw.tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise _InvalidCache("metadata record is not valid JSON") from None
+    if not isinstance(meta, dict):
+        raise _InvalidCache("metadata record is not a JSON object")
+    if meta.get("format") != CACHE_FORMAT:
+        raise _InvalidCache(f"entry format {meta.get('format')!r}, expected {CACHE_FORMAT}")
+    if meta.get("key") != key:
+        raise _InvalidCache("its recorded cache key does not match its name and inputs")
+    for name, arr, ids in (("calib", calib, calib_ids), ("holdout", hold, hold_ids)):
+        want = (len(ids), 3, *size)
+        if meta.get(f"{name}_ids") != ids:
+            got = meta.get(f"{name}_ids")
+            count = len(got) if isinstance(got, list) else "no"
+            raise _InvalidCache(f"its {name} sample ids ({count} recorded) are not the {len(ids)} asked for")
+        if arr.dtype != np.float32:
+            raise _InvalidCache(f"{name} tensor has dtype {arr.dtype}, expected float32")
+        if arr.shape != want:
+            raise _InvalidCache(f"{name} tensor has shape {list(arr.shape)}, expected {list(want)}")
+        if meta.get("shapes", {}).get(name) != list(want) or meta.get("dtype") != "float32":
+            raise _InvalidCache(f"recorded {name} shape/dtype do not match")
+        if not np.isfinite(arr).all():
+            raise _InvalidCache(f"{name} tensor contains NaN or Inf")
+        if _tensor_sha256(arr) != meta.get("sha256", {}).get(name):
+            raise _InvalidCache(f"{name} tensor does not match its recorded sha256")
+        if not _is_hw_list(meta.get("image_hw", {}).get(name), len(ids)):
+            raise _InvalidCache(f"recorded {name} image sizes are malformed")
+        if not _is_fraction_list(meta.get("content_fraction", {}).get(name), len(ids)):
+            raise _InvalidCache(f"recorded {name} content fractions are malformed")
+    return calib, hold, meta
+
+
+def _load_cache(file: Path, key: str, calib_ids: list[str], hold_ids: list[str],
+                size: tuple[int, int]) -> Optional[tuple[np.ndarray, np.ndarray, dict]]:
+    """A validated hit, or None (no entry; or an invalid one, which is reported and removed)."""
+    if not file.exists() and not file.is_symlink():
+        return None
+    try:
+        if not file.is_file():
+            raise _InvalidCache("it is not a regular file")
+        return _read_cache(file, key, calib_ids, hold_ids, size)
+    except _InvalidCache as err:
+        if file.is_dir():
+            _logger.warning("calibration cache entry %s is invalid (%s); leaving it, rebuilding from the source",
+                            file, err)
+            return None
+        try:
+            file.unlink()
+            gone = "removed it"
+        except OSError as rm_err:
+            gone = f"could not remove it: {rm_err}"
+        _logger.warning("calibration cache entry %s is invalid (%s); %s, rebuilding from the source", file, err, gone)
+        return None
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: exists, owned by someone else; anything else: assume alive
+        return True
+    return True
+
+
+def clean_stale_temps(cache: Path) -> list[Path]:
+    """Remove ``.calib-*.tmp.npz`` files of killed writers: their pid is not alive, or they are over an hour old."""
+    removed = []
+    now = time.time()
+    for p in cache.glob(_TMP_GLOB):
+        try:
+            st = p.lstat()
+        except OSError:
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            continue
+        m = _TMP_PID.match(p.name)
+        if now - st.st_mtime > STALE_TMP_AGE_S or (m is not None and not _pid_alive(int(m.group(1)))):
+            try:
+                p.unlink()
+                removed.append(p)
+            except OSError as err:
+                _logger.debug("could not remove stale cache temp file %s: %s", p, err)
+    if removed:
+        _logger.info("removed %d temp file(s) of interrupted calibration cache writes in %s", len(removed), cache)
+    return removed
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_cache(cache: Path, file: Path, key: str, calib: np.ndarray, hold: np.ndarray, meta: dict) -> None:
+    """Write one entry atomically (temp file in the cache folder, fsync, rename); failures only warn."""
+    tmp: Optional[Path] = None
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        clean_stale_temps(cache)
+        # Named like mkstemp, but created with the umask's permissions (mkstemp's 0600 would hide the entry from
+        # the other users of a shared cache); the pid in the name lets a later run tell a dead writer's leftover.
+        name = cache / f".calib-{key[:24]}.{os.getpid()}.{secrets.token_hex(4)}.tmp.npz"
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        tmp = name
+        record = np.frombuffer(json.dumps(meta, sort_keys=True).encode("utf-8"), dtype=np.uint8)
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, calib=calib, holdout=hold, meta=record)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, file)
+        tmp = None
+        _fsync_dir(cache)
+        _logger.info("calibration cache written: %s", file)
+    except OSError as err:
+        _logger.warning("could not write calibration cache %s (%s); continuing without", file, err)
+    finally:
+        if tmp is not None:  # interrupted or failed: never leave a partial file behind
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
 
 
 def load_calibration_data(
@@ -123,11 +467,20 @@ def load_calibration_data(
     cache_dir: Optional[str | os.PathLike] = None,
     dataset_hint: Optional[str] = None,
     split: str = "val",
+    calibrating: bool = True,
 ) -> CalibrationData:
     """Sample, preprocess and cache calibration (``num_samples``) and held-out (``holdout``) images from ``path``.
 
+    ``calibrating=False`` (FP16: only the held-out samples are used) turns the refusal of calibration samples
+    that are mostly padding into a warning; held-out samples must still have real content.
+
+    A cache entry is used only after its metadata (key, sample ids, shapes, dtype, finiteness, sha256 of each
+    tensor) checks out; an invalid entry is reported as a warning, removed, and rebuilt from the source.
+
     Raises:
-        InputError: missing/empty source, fewer images than asked, unreadable or non-finite samples.
+        InputError: missing/empty source, fewer images than asked, unreadable or non-finite samples, images larger
+            than the model input in 'pad' mode, calibration samples that are mostly padding (more than half under
+            :data:`CONTENT_MIN` content), or no held-out sample with real content.
     """
     path = Path(path)
     if not path.exists():
@@ -137,6 +490,8 @@ def load_calibration_data(
         )
     if num_samples < 1:
         raise InputError(f"--calib-samples must be >= 1, got {num_samples}.")
+    if holdout < 0:
+        raise InputError(f"--holdout-samples must be >= 0, got {holdout}.")
     source = open_source(path, dataset_hint, split=split)
     need = num_samples + holdout
     if len(source) < need:
@@ -145,10 +500,39 @@ def load_calibration_data(
             f"+ {holdout} held-out samples were asked for. Add images, or lower --calib-samples/--holdout-samples."
         )
     order = stratified_sample(source, need, seed)
-    calib_idx, hold_idx = order[:num_samples], order[num_samples:]
-    fp = _fingerprint(source, order)
+    calib_idx = order[:num_samples]
+    hold_idx, redrawn = _draw_holdout(source, order[num_samples:], set(order), prep, seed)
+    fp = _fingerprint(source, calib_idx + hold_idx)
     key = cache_key(path, fp, prep, num_samples, holdout, seed, split)
     ids = source.ids()
+    calib_ids, hold_ids = [ids[i] for i in calib_idx], [ids[i] for i in hold_idx]
+    size = (int(prep.size[0]), int(prep.size[1]))
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    cache_file = cache / f"calib-{key[:24]}.npz"
+
+    hit = _load_cache(cache_file, key, calib_ids, hold_ids, size)
+    if hit is not None:
+        calib, hold, meta = hit
+        hws, fracs = meta["image_hw"], meta["content_fraction"]
+        _logger.info("calibration cache hit: %s", cache_file)
+    else:
+        calib, c_hw, c_frac = _prepare(source, calib_idx, prep, "calib")
+        if hold_idx:
+            hold, h_hw, h_frac = _prepare(source, hold_idx, prep, "holdout")
+        else:
+            hold, h_hw, h_frac = np.empty((0, 3, *size), np.float32), [], []
+        hws, fracs = {"calib": c_hw, "holdout": h_hw}, {"calib": c_frac, "holdout": h_frac}
+        meta = None
+    _check_content(path, source, prep, calib_idx, hws["calib"], fracs["calib"], hold_idx, hws["holdout"],
+                   fracs["holdout"], calibrating)
+    if meta is None:
+        meta = {
+            "format": CACHE_FORMAT, "key": key, "calib_ids": calib_ids, "holdout_ids": hold_ids,
+            "shapes": {"calib": list(calib.shape), "holdout": list(hold.shape)}, "dtype": "float32",
+            "sha256": {"calib": _tensor_sha256(calib), "holdout": _tensor_sha256(hold)},
+            "image_hw": hws, "content_fraction": fracs,
+        }
+        _write_cache(cache, cache_file, key, calib, hold, meta)
     provenance = {
         "source": str(path),
         "source_kind": type(source).__name__,
@@ -157,29 +541,11 @@ def load_calibration_data(
         "seed": seed,
         "num_samples": num_samples,
         "holdout_samples": holdout,
-        "sample_list_sha256": hashlib.sha256("\n".join(ids[i] for i in calib_idx).encode()).hexdigest(),
-        "holdout_list_sha256": hashlib.sha256("\n".join(ids[i] for i in hold_idx).encode()).hexdigest(),
+        "sample_list_sha256": hashlib.sha256("\n".join(calib_ids).encode()).hexdigest(),
+        "holdout_list_sha256": hashlib.sha256("\n".join(hold_ids).encode()).hexdigest(),
+        "content_fraction": {"calib": _summary(fracs["calib"]), "holdout": _summary(fracs["holdout"]),
+                             "threshold": CONTENT_MIN},
+        "holdout_redrawn": redrawn,
         "cache_key": key,
     }
-    cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    cache_file = cache / f"calib-{key[:24]}.npz"
-    if cache_file.is_file():
-        try:
-            with np.load(cache_file, allow_pickle=False) as z:
-                data = CalibrationData(z["calib"], z["holdout"], [ids[i] for i in calib_idx], [ids[i] for i in hold_idx],
-                                       provenance, cache_hit=True)
-            _logger.info("calibration cache hit: %s", cache_file)
-            return data
-        except (OSError, KeyError, ValueError) as err:
-            _logger.warning("calibration cache %s unreadable (%s); rebuilding", cache_file, err)
-    calib = _prepare(source, calib_idx, prep, "calib")
-    hold = _prepare(source, hold_idx, prep, "holdout") if hold_idx else np.empty((0, 3, *prep.size), np.float32)
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp.npz")
-        np.savez(tmp, calib=calib, holdout=hold)
-        os.replace(tmp, cache_file)
-        _logger.info("calibration cache written: %s", cache_file)
-    except OSError as err:
-        _logger.warning("could not write calibration cache %s (%s); continuing without", cache_file, err)
-    return CalibrationData(calib, hold, [ids[i] for i in calib_idx], [ids[i] for i in hold_idx], provenance)
+    return CalibrationData(calib, hold, calib_ids, hold_ids, provenance, cache_hit=hit is not None)

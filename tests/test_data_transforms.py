@@ -11,6 +11,8 @@ from invpt.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     PadInfo,
+    content_fraction,
+    content_fraction_for,
     normalize,
     pad_to,
     preprocess,
@@ -92,6 +94,39 @@ def test_pad_to_too_large_suggests_resize():
         pad_to(np.zeros((20, 8, 3), np.float32), (16, 16), source="big.jpg")
     msg = str(exc.value)
     assert "big.jpg" in msg and "resize" in msg and "never crops" in msg and "20x8" in msg
+
+
+def test_pad_to_too_large_default_fix_names_commands_and_custom_fix_replaces_it():
+    with pytest.raises(InputError) as exc:
+        preprocess(_rgb(20, 8), (16, 16), "pad", source="big.jpg")
+    msg = str(exc.value)
+    assert "invpt-infer --mode resize" in msg and "invpt-export --preprocess resize" in msg and "\n" not in msg
+    with pytest.raises(InputError) as exc:
+        preprocess(_rgb(20, 8), (16, 16), "pad", source="big.jpg", fix="Downscale it to at most 16x16.")
+    msg = str(exc.value)
+    assert msg.endswith("Downscale it to at most 16x16.") and "big.jpg" in msg and "20x8" in msg
+    assert "invpt-infer" not in msg
+
+
+@pytest.mark.parametrize("hw", [(1, 1), (5, 7), (16, 16), (8, 16), (13, 3)])
+def test_content_fraction_counts_the_image_pixels_of_the_input(hw):
+    """In 'pad' mode the fraction is the share of input pixels that hold the image (the rest is zero padding)."""
+    white = np.full(hw + (3,), 255, np.uint8)  # normalises to non-zero in every channel
+    x, info = preprocess(white, (16, 16), "pad")
+    content = (x != 0).all(axis=0).sum() / x[0].size
+    assert content_fraction(info) == pytest.approx(content)
+    assert content_fraction(info) == content_fraction_for(hw, (16, 16), "pad") == hw[0] * hw[1] / 256
+    _, rs = preprocess(white, (16, 16), "resize")
+    assert content_fraction(rs) == 1.0  # stretched over the whole input
+
+
+def test_content_fraction_for_checks_its_arguments():
+    assert content_fraction_for((1, 1), (64, 64), "pad") == 1 / 4096
+    assert content_fraction_for((100, 100), (64, 64), "pad") == 1.0  # capped; pad_to refuses such images
+    with pytest.raises(ConfigError, match="mode"):
+        content_fraction_for((4, 4), (8, 8), "crop")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="image_hw"):
+        content_fraction_for((0, 4), (8, 8), "pad")
 
 
 def test_preprocess_pad_normalises_first():

@@ -128,7 +128,13 @@ def normalize(
     return out
 
 
-def pad_to(img: np.ndarray, size_hw: Sequence[int], *, source: str | Path | None = None) -> tuple[np.ndarray, PadInfo]:
+def pad_to(
+    img: np.ndarray,
+    size_hw: Sequence[int],
+    *,
+    source: str | Path | None = None,
+    fix: str | None = None,
+) -> tuple[np.ndarray, PadInfo]:
     """Centre an ``HxWxC`` (or ``HxW``) float image in a zero canvas of ``size_hw`` (official ``PadImage``).
 
     The offsets are ``top = (H - h) // 2`` and ``left = (W - w) // 2``, so an odd remainder goes to the
@@ -138,6 +144,9 @@ def pad_to(img: np.ndarray, size_hw: Sequence[int], *, source: str | Path | None
         img: the normalised image.
         size_hw: the network input size ``(H, W)``.
         source: optional file name used in the error message.
+        fix: the advice that ends the too-large error, for callers that know which command and flag the user
+            can change (e.g. ``invpt-quantize``, where the geometry comes from the model's manifest). By default the
+            message names the options of ``invpt-infer`` and ``invpt-export``.
 
     Raises:
         InputError: the image is larger than ``size_hw`` in either dimension.
@@ -146,16 +155,49 @@ def pad_to(img: np.ndarray, size_hw: Sequence[int], *, source: str | Path | None
     h, w = int(img.shape[0]), int(img.shape[1])
     if h > H or w > W:
         name = f"Image '{source}'" if source is not None else "The image"
+        if fix is None:
+            fix = (
+                "Use 'resize' preprocessing, which rescales to the input size without keeping the aspect ratio "
+                "(invpt-infer --mode resize; for an exported model, re-export it with invpt-export --preprocess "
+                f"resize), use a model whose config has a larger image_size (at least {max(h, H)}x{max(w, W)}), or "
+                "downscale the image first."
+            )
         raise InputError(
             f"{name} is {h}x{w} (HxW), larger than the model input size {H}x{W}; 'pad' mode pads to the input "
-            "size and never crops. Use 'resize' mode (which rescales to the input size without keeping the "
-            f"aspect ratio), export the model with a larger image_size (at least {max(h, H)}x{max(w, W)}), or "
-            "downscale the image first."
+            f"size and never crops. {fix}"
         )
     top, left = (H - h) // 2, (W - w) // 2
     canvas = np.zeros((H, W) + tuple(img.shape[2:]), dtype=img.dtype)
     canvas[top : top + h, left : left + w] = img
     return canvas, PadInfo("pad", (h, w), (H, W), top, left, (h, w))
+
+
+def content_fraction_for(image_hw: Sequence[int], size_hw: Sequence[int], mode: GeometryMode) -> float:
+    """Fraction (0..1) of the network input that image content of size ``image_hw`` covers after pre-processing.
+
+    ``'resize'`` stretches every image over the whole input (1.0). ``'pad'`` centres the image unscaled in a zero
+    canvas, so the rest is padding: ``h*w / (H*W)``, capped at 1 (an image larger than the input is refused by
+    :func:`pad_to`). A 1x1 image in a 64x64 input covers 1/4096 of it.
+
+    Raises:
+        ConfigError: unknown ``mode`` or invalid sizes.
+    """
+    H, W = _check_hw(size_hw)
+    h, w = _check_hw(image_hw, "image_hw")
+    if mode == "resize":
+        return 1.0
+    if mode != "pad":
+        raise ConfigError(f"Unknown pre-processing mode {mode!r}; use 'pad' (official evaluation) or 'resize'.")
+    return min(h, H) * min(w, W) / float(H * W)
+
+
+def content_fraction(info: PadInfo) -> float:
+    """Fraction (0..1) of the network input covered by real image content, from :func:`preprocess`'s ``PadInfo``.
+
+    The rest is padding (zeros after normalisation, the mean colour). Calibration uses it to refuse data that is
+    mostly padding, which would calibrate and verify an INT8 model on padding instead of images.
+    """
+    return content_fraction_for(info.resized_hw, info.size_hw, info.mode)
 
 
 def resize_to(img: np.ndarray, size_hw: Sequence[int]) -> tuple[np.ndarray, PadInfo]:
@@ -179,6 +221,7 @@ def preprocess(
     std: Sequence[float] = IMAGENET_STD,
     *,
     source: str | Path | None = None,
+    fix: str | None = None,
 ) -> tuple[np.ndarray, PadInfo]:
     """Turn an ``HxWx3`` uint8 RGB image into the network input ``[3, H, W]`` float32 (C-contiguous).
 
@@ -191,6 +234,7 @@ def preprocess(
         mode: ``'pad'`` or ``'resize'``.
         mean, std: normalisation constants (ImageNet by default, as in the official configs).
         source: optional file name used in error messages.
+        fix: advice ending the error for an image larger than ``size_hw`` in ``'pad'`` mode (see :func:`pad_to`).
 
     Raises:
         ConfigError: unknown ``mode`` or invalid ``size_hw``.
@@ -199,7 +243,7 @@ def preprocess(
     if mode not in ("pad", "resize"):
         raise ConfigError(f"Unknown pre-processing mode {mode!r}; use 'pad' (official evaluation) or 'resize'.")
     x = normalize(img, mean, std)
-    x, info = pad_to(x, size_hw, source=source) if mode == "pad" else resize_to(x, size_hw)
+    x, info = pad_to(x, size_hw, source=source, fix=fix) if mode == "pad" else resize_to(x, size_hw)
     return np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32), info
 
 
