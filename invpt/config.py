@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -136,10 +137,14 @@ def load_config(config: ConfigLike) -> InvPTConfig:
     if isinstance(config, Mapping):
         return from_dict(config)
     path = Path(config)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.is_file():
+    is_preset = str(config) in preset_names()
+    if path.is_file() or (not is_preset and (path.suffix in (".yaml", ".yml") or os.path.lexists(path))):
+        from invpt.paths import describe_path_problem
+
+        problem = describe_path_problem(path)
+        if problem:
             raise ConfigError(
-                f"Config file '{path}' does not exist. Pass an existing YAML file or one of the preset "
+                f"Config file '{path}' {problem}. Pass an existing YAML file or one of the preset "
                 f"names: {', '.join(preset_names())}."
             )
         try:
@@ -150,7 +155,7 @@ def load_config(config: ConfigLike) -> InvPTConfig:
             raise ConfigError(f"Config file '{path}' must hold a YAML mapping (keys like dataset:, image_size:).")
         return from_dict(data, source=str(path), default_name=path.stem)
     name = str(config)
-    if name in preset_names():
+    if is_preset:
         text = resources.files("invpt").joinpath("presets", f"{name}.yaml").read_text()
         return from_dict(yaml.safe_load(text), source=f"preset '{name}'", default_name=name)
     raise ConfigError(

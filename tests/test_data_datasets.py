@@ -13,7 +13,9 @@ from invpt.data.datasets import (
     NYUDReader,
     PascalContextReader,
     VideoReader,
+    collect_images,
     open_source,
+    unique_ids,
 )
 from invpt.errors import ConfigError, InputError
 
@@ -25,6 +27,11 @@ def _write(path: Path, rgb: np.ndarray) -> None:
 
 def _img(value: int, h: int = 6, w: int = 8) -> np.ndarray:
     return np.full((h, w, 3), value, np.uint8)
+
+
+def _write_ret(path: Path, value: int = 7) -> Path:
+    _write(path, _img(value))
+    return path
 
 
 def make_pascal(db_root: Path, ids=("2008_000001", "2009_000002", "2009_000003"), split="val") -> Path:
@@ -180,3 +187,80 @@ def test_open_source_detection(tmp_path):
     txt.write_text("x")
     with pytest.raises(InputError, match="neither"):
         open_source(txt)
+
+
+# ---- unique ids (collect_images, ImageListReader) ------------------------------------------------------------
+
+def test_same_file_name_in_two_subfolders_keeps_the_subfolder(tmp_path):
+    _write(tmp_path / "in" / "a" / "x.jpg", _img(1))
+    _write(tmp_path / "in" / "b" / "x.jpg", _img(2))
+    r = collect_images([tmp_path / "in"])
+    assert r.ids() == ["a/x", "b/x"] and len(r) == 2
+    assert [r.image_path(i) for i in range(2)] == [tmp_path / "in" / "a" / "x.jpg", tmp_path / "in" / "b" / "x.jpg"]
+
+
+def test_extension_is_kept_only_where_it_alone_differs(tmp_path):
+    _write(tmp_path / "in" / "x.jpg", _img(1))
+    _write(tmp_path / "in" / "x.png", _img(2))
+    _write(tmp_path / "in" / "y.png", _img(3))
+    assert collect_images([tmp_path / "in"]).ids() == ["x.jpg", "x.png", "y"]
+    # the same as two single-file inputs
+    assert collect_images([tmp_path / "in" / "x.jpg", tmp_path / "in" / "x.png"]).ids() == ["x.jpg", "x.png"]
+
+
+def test_two_input_folders_with_the_same_name(tmp_path):
+    _write(tmp_path / "d1" / "photos" / "p.jpg", _img(1))
+    _write(tmp_path / "d2" / "photos" / "p.jpg", _img(2))
+    _write(tmp_path / "d2" / "photos" / "sub" / "q.png", _img(3))
+    r = collect_images([tmp_path / "d1" / "photos", tmp_path / "d2" / "photos"])
+    assert r.ids() == ["photos/p", "photos-2/p", "photos-2/sub/q"]
+    assert r.image_path(1) == tmp_path / "d2" / "photos" / "p.jpg"
+    assert [r.strata(i) for i in range(3)] == ["photos", "photos-2", "photos-2"]
+
+
+def test_single_file_inputs_use_the_stem(tmp_path):
+    one = _write_ret(tmp_path / "f" / "x.jpg")
+    assert collect_images([one]).ids() == ["x"]
+    two = _write_ret(tmp_path / "g" / "x.jpg")
+    other = _write_ret(tmp_path / "h" / "y.png")
+    assert collect_images([one, two, other]).ids() == ["x", "x-2", "y"]  # same name, different folders: numbered
+    folder = tmp_path / "f"
+    assert collect_images([folder, two]).ids() == ["f/x", "x"]  # a folder's name prefixes its ids
+
+
+def test_a_file_reached_twice_is_processed_once(tmp_path):
+    x = _write_ret(tmp_path / "in" / "x.jpg")
+    r = collect_images([tmp_path / "in", x, tmp_path / "in"])
+    assert r.ids() == ["in/x"] and len(r) == 1
+
+
+def test_collect_images_errors(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        collect_images([tmp_path / "missing.jpg"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="no images"):
+        collect_images([tmp_path / "empty"])
+    import os
+
+    os.mkfifo(tmp_path / "pipe.jpg")
+    with pytest.raises(InputError, match="FIFO"):
+        collect_images([tmp_path / "pipe.jpg"])
+
+
+def test_image_list_without_root_never_repeats_an_id(tmp_path):
+    a, b = _write_ret(tmp_path / "a" / "x.jpg"), _write_ret(tmp_path / "b" / "x.jpg")
+    assert ImageListReader([a, b]).ids() == ["x", "x-2"]
+
+
+def test_unique_ids_resolves_chains_and_case():
+    assert unique_ids(["a", "a", "a.jpg"], ["a.jpg", "a.png", "a.jpg.png"]) == ["a.jpg", "a.png", "a.jpg.png"]
+    assert unique_ids(["X", "x"], ["X.jpg", "x.jpg"]) == ["X", "x-2"]  # case-insensitive file systems
+    assert unique_ids(["x", "x", "x-2"], ["x.jpg", "x.jpg", "x-2.jpg"]) == ["x", "x-3", "x-2"]
+
+
+def test_duplicate_explicit_ids_are_a_bug(tmp_path):
+    a, b = _write_ret(tmp_path / "a.jpg"), _write_ret(tmp_path / "b.jpg")
+    with pytest.raises(ValueError, match="duplicate"):
+        ImageListReader([a, b], ids=["same", "same"])
+    with pytest.raises(ValueError, match="clean relative path"):
+        ImageListReader([a], ids=["../escape"])

@@ -12,6 +12,8 @@ from __future__ import annotations
 import abc
 import logging
 import math
+import os
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -75,21 +77,81 @@ class FileListSource(ImageSource):
         return read_image(self._paths[i])
 
 
-class ImageListReader(FileListSource):
-    """An explicit list of image files; ids are paths relative to ``root`` without extension.
+def unique_ids(preferred: Sequence[str], fallback: Sequence[str]) -> list[str]:
+    """Make ids unique: ``preferred[i]`` where it is unique, else ``fallback[i]``, else a ``-2``, ``-3`` suffix.
 
-    If two files would get the same id (``a.jpg`` and ``a.png``), both keep their extension in the id.
+    Used for image ids (preferred: the path without extension; fallback: with it), so ``a.jpg`` and ``a.png``
+    become ``a.jpg`` and ``a.png`` while a lone ``b.jpg`` stays ``b``; entries whose fallbacks collide too (two
+    ``x.jpg`` from different folders) are numbered in order: ``x``, ``x-2``. Uniqueness is case-insensitive, since
+    ids name output folders that may live on a case-insensitive file system.
+    """
+    if len(preferred) != len(fallback):
+        raise ValueError("unique_ids(): preferred and fallback differ in length")
+    ids = [str(s) for s in preferred]
+    changed = True
+    while changed:  # each pass moves at least one id to its fallback, which never changes again
+        changed = False
+        groups: dict[str, list[int]] = {}
+        for i, s in enumerate(ids):
+            groups.setdefault(s.casefold(), []).append(i)
+        for members in groups.values():
+            if len(members) < 2:
+                continue
+            counts = Counter(str(fallback[i]).casefold() for i in members)
+            for i in members:
+                if ids[i] != fallback[i] and counts[str(fallback[i]).casefold()] == 1:
+                    ids[i] = str(fallback[i])
+                    changed = True
+    taken = {s.casefold() for s in ids}
+    seen: set[str] = set()
+    for i, s in enumerate(ids):
+        if s.casefold() in seen:
+            k = 2
+            while f"{s}-{k}".casefold() in taken:
+                k += 1
+            ids[i] = f"{s}-{k}"
+            taken.add(ids[i].casefold())
+        seen.add(ids[i].casefold())
+    return ids
+
+
+def check_ids(ids: Sequence[str], where: str = "image source") -> None:
+    """Raise ValueError (a bug, not a user error) if ids are not unique (case-insensitively) relative paths."""
+    seen: dict[str, str] = {}
+    for s in ids:
+        parts = s.split("/")
+        if any(part in ("", ".", "..") for part in parts):
+            raise ValueError(f"{where}: id {s!r} is not a clean relative path")
+        key = s.casefold()
+        if key in seen:
+            raise ValueError(f"{where}: duplicate image id {s!r} (and {seen[key]!r}); ids must be unique")
+        seen[key] = s
+
+
+class ImageListReader(FileListSource):
+    """An explicit list of image files with unique ids.
+
+    Ids are paths relative to ``root`` without extension (the file name when there is no root or a file lies
+    outside it); where two files would get the same id (``a.jpg`` and ``a.png``) both keep their extension, and
+    remaining clashes (``x.jpg`` from two folders without a root) are numbered ``x``, ``x-2`` (see
+    :func:`unique_ids`). ``ids`` gives them explicitly instead (see :func:`collect_images`). Duplicate ids are
+    refused with ``ValueError``: every consumer (output folders, manifests) relies on them being unique.
     """
 
-    def __init__(self, paths: Sequence[str | Path], root: str | Path | None = None) -> None:
+    def __init__(
+        self, paths: Sequence[str | Path], root: str | Path | None = None, ids: Sequence[str] | None = None
+    ) -> None:
         self._paths = [Path(p) for p in paths]
         self.root = Path(root) if root is not None else None
-        rel = [self._relative(p) for p in self._paths]
-        stems = [r.with_suffix("").as_posix() for r in rel]
-        counts: dict[str, int] = {}
-        for s in stems:
-            counts[s] = counts.get(s, 0) + 1
-        self._ids = [s if counts[s] == 1 else r.as_posix() for s, r in zip(stems, rel)]
+        if ids is None:
+            rel = [self._relative(p) for p in self._paths]
+            self._ids = unique_ids([r.with_suffix("").as_posix() for r in rel], [r.as_posix() for r in rel])
+        else:
+            if len(ids) != len(self._paths):
+                raise ValueError(f"ImageListReader: {len(ids)} ids for {len(self._paths)} paths")
+            self._ids = [str(s) for s in ids]
+            rel = [Path(s) for s in self._ids]
+        check_ids(self._ids, "ImageListReader")
         self._rel = rel
 
     def _relative(self, p: Path) -> Path:
@@ -101,13 +163,79 @@ class ImageListReader(FileListSource):
         return Path(p.name)
 
     def strata(self, i: int) -> str:
-        """The immediate subdirectory below ``root`` ("." for files directly in it)."""
+        """The immediate subdirectory below ``root`` (or the first id component; "." for files directly in it)."""
         parts = self._rel[i].parts
         return parts[0] if len(parts) > 1 else "."
 
     def describe(self) -> str:
         where = f" under {self.root}" if self.root is not None else ""
         return f"image list{where}: {len(self)} images"
+
+
+def collect_images(inputs: Sequence[str | Path]) -> ImageListReader:
+    """Expand image files and folders (searched recursively) into one :class:`ImageListReader` with unique ids.
+
+    Ids, which name each image's output folder:
+
+    * one folder: paths relative to it without extension (``a/x.jpg`` and ``b/x.jpg`` -> ``a/x``, ``b/x``; the
+      extension is kept only where two files differ by it alone: ``x.jpg``, ``x.png``);
+    * one file: its stem;
+    * several inputs: a folder's ids are prefixed with the folder's name, a file's id is its stem; names shared
+      by several inputs are made unique the same way (extension kept where that suffices, else ``photos``,
+      ``photos-2`` in input order).
+
+    A file reached twice (the same input twice, or a file also inside a given folder) is processed once.
+
+    Raises:
+        InputError: an input does not exist, is not a regular file or folder, or is a folder without images.
+    """
+    from invpt.paths import describe_path_problem
+
+    tops: list[tuple[Path, list[Path], list[str] | None]] = []  # (input, files, ids relative to it or None)
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            folder = ImageFolderReader(p)
+            tops.append((p, list(folder._paths), folder.ids()))
+        else:
+            problem = describe_path_problem(p)
+            if problem:
+                raise InputError(f"Input '{p}' {problem}. Pass image files or folders of images.")
+            tops.append((p, [p], None))
+    if not tops:
+        raise InputError("No input given. Pass image files or folders of images.")
+
+    def _name(p: Path) -> str:  # a folder's name, also for "." and ".." (lexically, symlinks kept)
+        return Path(os.path.abspath(p)).name or "root"
+
+    def _stem(p: Path) -> str:
+        return p.stem if p.stem not in ("", ".", "..") else p.name
+
+    if len(tops) == 1:
+        p, files, rel_ids = tops[0]
+        ids = rel_ids if rel_ids is not None else [_stem(p)]
+        return ImageListReader(files, p if rel_ids is not None else None, ids)
+
+    labels = unique_ids(
+        [_name(p) if rel is not None else _stem(p) for p, _, rel in tops],
+        [_name(p) if rel is not None else p.name for p, _, rel in tops],
+    )
+    paths: list[Path] = []
+    ids: list[str] = []
+    seen: dict[Path, str] = {}
+    for (p, files, rel_ids), label in zip(tops, labels):
+        for k, f in enumerate(files):
+            sid = label if rel_ids is None else f"{label}/{rel_ids[k]}"
+            key = f.resolve()
+            if key in seen:
+                logger.warning("'%s' was given more than once (also as id '%s'); processing it once", f, seen[key])
+                continue
+            seen[key] = sid
+            paths.append(f)
+            ids.append(sid)
+        if rel_ids is not None and label != _name(p):
+            logger.info("input folder '%s' -> ids '%s/...' (another input has the name '%s')", p, label, _name(p))
+    return ImageListReader(paths, None, ids)
 
 
 def _list_images(root: Path) -> list[Path]:
