@@ -5,6 +5,7 @@ import argparse
 import logging
 import shlex
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 from invpt.cli.common import Stopwatch, add_logging_args, human_size, run_main
@@ -101,12 +102,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _list_terms(onnx_path: str) -> int:
-    from invpt.calib.policy import block_terms, graph_nodes, resolve_terms, term_patterns
-    from invpt.manifest import load_manifest_for
+    from google.protobuf.message import DecodeError
 
-    man = load_manifest_for(onnx_path)
+    from invpt.artifacts import verified_manifest
+    from invpt.calib.pipeline import unreadable_onnx
+    from invpt.calib.policy import block_terms, graph_nodes, resolve_terms, term_patterns
+
+    man = verified_manifest(onnx_path, what="ONNX file")
     cfg = man.model_config
-    nodes = graph_nodes(onnx_path)
+    try:
+        nodes = graph_nodes(onnx_path)
+    except DecodeError as err:
+        raise unreadable_onnx(Path(onnx_path), err) from err
     terms = resolve_terms(term_patterns(man.tasks, cfg.backbone.depth), nodes, man.tasks, cfg.backbone.depth)
     blocks = set(block_terms(man.tasks, cfg.backbone.depth))
     print("| term | nodes | Conv/MatMul/Gemm | sensitivity block |\n|---|---|---|---|")

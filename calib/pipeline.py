@@ -16,18 +16,20 @@ from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
+from google.protobuf.message import DecodeError
 
-from invpt.artifacts import publish, staging_dir
+from invpt.artifacts import check_output, publish, staging_dir, verified_manifest
 from invpt.calib.data import CalibrationData, load_calibration_data
 from invpt.calib.evaluate import PRECISION_TOLERANCES, evaluate, reference_outputs, run_onnx_batches, task_table
 from invpt.calib.fp16 import convert_fp16
 from invpt.calib.int8 import CALIB_METHODS, calibrates_per_node, quantize_int8
 from invpt.calib.policy import select_nodes
-from invpt.errors import InputError, ManifestError, VerificationError
+from invpt.errors import CheckpointError, ExportError, InputError, ManifestError, VerificationError
 from invpt.export.graph_checks import check_graph
 from invpt.export.onnx_export import external_data_files
 from invpt.export.parity import ParityReport
-from invpt.manifest import Manifest, load_manifest_for, manifest_path_for, now_iso, sha256_file, tool_versions
+from invpt.manifest import Manifest, manifest_path_for, now_iso, parent_record, sha256_file, tool_versions
+from invpt.paths import require_file
 
 _logger = logging.getLogger(__name__)
 
@@ -75,17 +77,67 @@ def graph_audit(path: Path) -> dict:
     }
 
 
-def _load_reference_model(manifest: Manifest, ckpt: Optional[str]):
-    """The FP32 PyTorch model for parity: --ckpt, else the manifest's parent checkpoint if it is still there."""
+def unreadable_onnx(path: Path, err: Exception) -> InputError:
+    """The error for an ONNX file that does not parse (truncated, or not ONNX at all)."""
+    return InputError(
+        f"'{path}' is not a readable ONNX model ({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else 'no detail'}); "
+        "it is truncated or not an ONNX file. Re-export it with invpt-export (a complete copy has the sha256 its "
+        "manifest records)."
+    )
+
+
+def load_input_manifest(onnx_path: str | os.PathLike) -> Manifest:
+    """The manifest of the FP32 ONNX given to invpt-quantize, after checking that it still describes the file."""
+    onnx_path = Path(onnx_path)
+    manifest = verified_manifest(onnx_path, what="ONNX file")
+    if manifest.precision != "fp32" or manifest.kind != "onnx":
+        raise ManifestError(
+            f"'{onnx_path}' is a {manifest.precision} {manifest.kind}; invpt-quantize starts from the FP32 ONNX written "
+            "by invpt-export."
+        )
+    return manifest
+
+
+def resolve_reference_checkpoint(manifest: Manifest, manifest_file: Path, ckpt: Optional[str]) -> Optional[Path]:
+    """The checkpoint to compute the FP32 reference from, or None to use the FP32 ONNX.
+
+    An explicit ``--ckpt`` must be a readable file with the sha256 the manifest records for its parent (else exit 2:
+    parity against other weights would be meaningless). Without it, the recorded parent (resolved against the
+    manifest's folder) is used when it is still there and unchanged.
+    """
+    recorded = (manifest.parent or {}) if (manifest.parent or {}).get("kind") == "checkpoint" else {}
+    if ckpt:
+        path = require_file(ckpt, "Checkpoint", "Pass the checkpoint the ONNX was exported from with --ckpt, or leave "
+                            "--ckpt out to use the one recorded in the manifest.", CheckpointError)
+        want = recorded.get("sha256")
+        if want:
+            got = sha256_file(path)
+            if got != want:
+                raise CheckpointError(
+                    f"--ckpt '{path}' is not the checkpoint '{manifest.artifact}' was exported "
+                    f"from: sha256 {got}, the manifest '{manifest_file}' records {want}. Pass the checkpoint it was "
+                    "exported from, or leave --ckpt out (the FP32 ONNX is then the reference)."
+                )
+        return path
+    path = manifest.parent_path(manifest_file) if recorded else None
+    if path is None or not path.is_file():
+        return None
+    if recorded.get("sha256") and sha256_file(path) != recorded["sha256"]:
+        _logger.warning("checkpoint %s changed since export (sha256 differs); using the FP32 ONNX as reference", path)
+        return None
+    return path
+
+
+def _load_reference_model(manifest: Manifest, manifest_file: Path, ckpt: Optional[Path]):
+    """The FP32 PyTorch model for parity from ``ckpt`` (see :func:`resolve_reference_checkpoint`), else None."""
     from invpt import load_model
 
-    path = ckpt or (manifest.parent or {}).get("path")
-    if path and Path(path).is_file():
-        if not ckpt and manifest.parent.get("sha256") and sha256_file(path) != manifest.parent["sha256"]:
-            _logger.warning("checkpoint %s changed since export (sha256 differs); using the FP32 ONNX as reference", path)
-            return None
-        return load_model(path, config=manifest.config, fused_attn=False)
-    _logger.info("checkpoint not available; the reference is the FP32 ONNX (verified against PyTorch at export)")
+    if ckpt is not None:
+        return load_model(ckpt, config=manifest.config, fused_attn=False)
+    verified = (manifest.verification or {}).get("passed") is True
+    _logger.info("checkpoint not available; the reference is the FP32 ONNX (%s)",
+                 "verified against PyTorch at export" if verified else
+                 "NOT verified against PyTorch at export: it was exported with --no-verify")
     return None
 
 
@@ -120,14 +172,12 @@ def run_quantize(
     node-by-node (True) or whole-graph (False) calibration; None picks by model size.
     """
     onnx_path = Path(onnx_path)
-    if not onnx_path.is_file():
-        raise InputError(f"ONNX file '{onnx_path}' does not exist. Export one first: invpt-export --ckpt CKPT.")
-    manifest = load_manifest_for(onnx_path)
-    if manifest.precision != "fp32" or manifest.kind != "onnx":
-        raise ManifestError(
-            f"'{onnx_path}' is a {manifest.precision} {manifest.kind}; invpt-quantize starts from the FP32 ONNX written "
-            "by invpt-export."
-        )
+    # Inputs and options first, before any model, data or calibration work.
+    manifest = load_input_manifest(onnx_path)
+    manifest_file = manifest_path_for(onnx_path)
+    out = Path(out) if out else default_out(onnx_path, precision)
+    calib_file = Path(calib_data) if calib_data is not None and Path(calib_data).is_file() else None
+    check_output(out, [onnx_path, ckpt, manifest.parent_path(manifest_file), calib_file], InputError)
     if precision not in PRECISION_TOLERANCES:
         raise InputError(f"--precision must be fp16 or int8, got '{precision}'.")
     if precision == "int8" and calib_method not in CALIB_METHODS:
@@ -137,7 +187,25 @@ def run_quantize(
             "INT8 needs --calib-data (a PASCAL-Context/NYUD-v2 root, an image folder or a video); invpt never "
             "calibrates on random data."
         )
-    out = Path(out) if out else default_out(onnx_path, precision)
+    if calib_samples < 1:
+        raise InputError(f"--calib-samples must be >= 1, got {calib_samples}.")
+    if holdout_samples < 0:
+        raise InputError(f"--holdout-samples must be >= 0, got {holdout_samples}.")
+    if (verify or sensitivity) and holdout_samples < 1:
+        raise InputError(
+            f"--holdout-samples {holdout_samples}: the parity check needs at least 1 held-out sample. Give "
+            "--holdout-samples 1 or more, or --no-verify to skip verification (the manifest then records it)."
+        )
+    if seed < 0:
+        raise InputError(f"--seed must be >= 0, got {seed}.")
+    if sensitivity and precision != "int8":
+        raise InputError("--sensitivity applies to --precision int8.")
+    if calib_data is not None and not Path(calib_data).exists():
+        raise InputError(
+            f"Calibration data '{calib_data}' does not exist. Pass a PASCAL-Context or NYUD-v2 root (official layout), "
+            "a folder of images, or a video file."
+        )
+    ref_ckpt = resolve_reference_checkpoint(manifest, manifest_file, ckpt) if (verify or sensitivity) else None
     cfg = manifest.model_config
     tasks = manifest.tasks
     specs = [s for s in cfg.task_specs if s.name in tasks]
@@ -154,27 +222,29 @@ def run_quantize(
     data: Optional[CalibrationData] = None
     if calib_data:
         data = load_calibration_data(calib_data, manifest.preprocessing, calib_samples if precision == "int8" else 1,
-                                     holdout_samples, seed, cache_dir, dataset_hint, split)
+                                     holdout_samples, seed, cache_dir, dataset_hint, split,
+                                     calibrating=precision == "int8")
         holdout = data.holdout
         holdout_desc = f"{len(holdout)} held-out image(s) from {calib_data}, disjoint from the calibration samples"
     else:
         holdout = np.random.default_rng(seed).standard_normal((max(holdout_samples, 1), 3, *cfg.image_size), dtype=np.float32)
         holdout_desc = f"{len(holdout)} seeded random input(s) (no --calib-data given)"
 
-    selection = select_nodes(onnx_path, precision, policy, keep_terms, tasks, cfg.backbone.depth)
+    try:
+        selection = select_nodes(onnx_path, precision, policy, keep_terms, tasks, cfg.backbone.depth)
+    except DecodeError as err:
+        raise unreadable_onnx(onnx_path, err) from err
     per_node = calibrates_per_node(onnx_path, calibrate_per_node)  # ModelOpt only; percentile ignores it
     lap("data_s")
     sens_report = None
     with staging_dir(out, InputError) as staging:
-        reference_model = _load_reference_model(manifest, ckpt) if verify or sensitivity else None
+        reference_model = _load_reference_model(manifest, manifest_file, ref_ckpt) if verify or sensitivity else None
         ref, ref_name = (reference_outputs(holdout, tasks, reference_model, onnx_path) if (verify or sensitivity)
                          else ({}, ""))
         del reference_model  # ~1.7 GB for ViT-L; quantization needs the memory
         gc.collect()
         lap("reference_s")
         if sensitivity:
-            if precision != "int8":
-                raise InputError("--sensitivity applies to --precision int8.")
             from invpt.calib.sensitivity import run_sensitivity
 
             sens_report = run_sensitivity(onnx_path, staging, data, ref, specs, selection, calib_method, cfg, budgets,
@@ -193,8 +263,12 @@ def run_quantize(
         audit = graph_audit(tmp_out)
         if precision == "int8":
             bad = {op: n for op, n in audit["dq_consumers"].items() if op in NEVER_QUANTIZED}
-            if bad:
-                raise VerificationError(f"INT8 graph has Q/DQ feeding {bad}; the policy forbids quantizing {NEVER_QUANTIZED}.")
+            if bad:  # a tool failure, not a precision trade-off: keeping more in FP32 would not fix it
+                raise ExportError(
+                    f"The INT8 graph the quantizer produced has Q/DQ feeding {bad}, which the policy forbids "
+                    f"({', '.join(NEVER_QUANTIZED)} are never quantized); '{out}' was not written. This is a quantizer "
+                    "or invpt bug: report it with your nvidia-modelopt, onnx and onnxruntime versions (pip list)."
+                )
         lap("calibrate_s" if precision == "int8" else "convert_s")
         parity, task_metrics = None, {}
         if verify:
@@ -223,7 +297,7 @@ def run_quantize(
             sha256=sha256_file(tmp_out),
             size_bytes=tmp_out.stat().st_size + sum((staging / d).stat().st_size for d in data_files),
             external_data=tuple(data_files),
-            parent={"kind": "onnx", "path": str(onnx_path), "sha256": manifest.sha256 or sha256_file(onnx_path)},
+            parent=parent_record("onnx", onnx_path, out.parent, manifest.sha256),  # verified at start
             precision_policy={**selection.to_dict(), "graph": audit},
             calibration=calibration,
             verification=None if parity is None else {
@@ -234,5 +308,5 @@ def run_quantize(
             created=now_iso(),
         )
         man.save(manifest_path_for(tmp_out))
-        publish(staging, out, data_files + [f.name for f in staging.glob("*.sensitivity.*")])
+        publish(staging, out, data_files + [f.name for f in staging.glob("*.sensitivity.*")], error_cls=InputError)
     return QuantizeResult(out, manifest_path_for(out), man, parity, task_metrics, sens_report, timings)

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from invpt.cli.common import Stopwatch, add_logging_args, add_model_args, human_size, run_main
+from invpt.cli.common import Stopwatch, add_logging_args, add_model_args, human_size, parse_task_list, run_main
 from invpt.export.onnx_export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 
 _logger = logging.getLogger("invpt.export")
@@ -71,7 +71,7 @@ def _run(args: argparse.Namespace) -> int:
 
     watch = Stopwatch()
     out = Path(args.out) if args.out else default_out(args.ckpt)
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    tasks = parse_task_list(args.tasks, "--tasks")
     result = run_export(
         args.ckpt,
         out,

@@ -127,7 +127,7 @@ def export_onnx(
             entry.key, entry.value = k, v
         proto.producer_name = "invpt"
         save_onnx(proto, tmp, use_external)
-        publish(tmp_dir, path, external_data_files(tmp))
+        publish(tmp_dir, path, external_data_files(tmp), error_cls=ExportError)
     return path
 
 

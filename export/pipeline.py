@@ -17,18 +17,20 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from invpt.artifacts import publish, staging_dir
-from invpt.config import ConfigLike
-from invpt.errors import ExportError, VerificationError
+from invpt.artifacts import check_output, publish, staging_dir
+from invpt.config import ConfigLike, load_config
+from invpt.errors import CheckpointError, ExportError, InputError, VerificationError
 from invpt.manifest import (
     Manifest,
     Preprocessing,
     io_for_config,
     manifest_path_for,
     now_iso,
+    parent_record,
     sha256_file,
     tool_versions,
 )
+from invpt.paths import require_file
 from invpt.export.graph_checks import check_graph, expected_resize_sizes, resize_sites
 from invpt.export.onnx_export import (
     DEFAULT_OPSET,
@@ -145,11 +147,25 @@ def run_export(
     """
     from invpt import load_model
 
-    out = Path(out)
+    # Everything that can be checked without the model is checked before loading it (seconds, not minutes).
+    ckpt_path = require_file(ckpt, "Checkpoint", "Pass the checkpoint file (.pth/.pth.tar) with --ckpt.",
+                             CheckpointError)
+    config_file = Path(config) if isinstance(config, (str, os.PathLike)) and Path(config).is_file() else None
+    out = check_output(out, [ckpt_path, config_file], InputError)
     check_opset(opset)
     if batch < 1:
         raise ExportError(f"--batch must be >= 1, got {batch}.")
-    model = load_model(ckpt, config=config, fused_attn=False)
+    if tasks is not None and not [t for t in tasks if str(t).strip()]:
+        raise InputError("--tasks was given but names no task. Name tasks separated by commas, e.g. --tasks "
+                         "semseg,normals, or leave --tasks out to export every task.")
+    if external_data not in ("auto", "always", "never"):
+        raise InputError(f"--external-data must be auto, always or never, got '{external_data}'.")
+    if preprocess_mode not in ("pad", "resize"):
+        raise InputError(f"--preprocess must be pad or resize, got '{preprocess_mode}'.")
+    if config is not None:
+        load_config(config)  # a bad preset name or YAML fails here, before the checkpoint is read
+    ckpt_sha = sha256_file(ckpt_path)  # before loading: what the manifest records is what was loaded
+    model = load_model(ckpt_path, config=config, fused_attn=False)
     cfg = model.cfg
     tasks = tuple(model._resolve_tasks(tasks))
     with staging_dir(out, ExportError) as staging:
@@ -179,8 +195,11 @@ def run_export(
             if not parity.passed:
                 bad = {k: v.failures for k, v in parity.tasks.items() if not v.passed}
                 raise VerificationError(
-                    f"ONNX Runtime disagrees with PyTorch for {sorted(bad)} ({bad}); '{out}' was not written. "
-                    "Re-run with -v to see the table; if a custom tolerance is intended, set it explicitly."
+                    f"ONNX Runtime disagrees with PyTorch for {sorted(bad)} ({bad}); '{out}' was not written. An FP32 "
+                    "export should match to float rounding, so this is an exporter or runtime problem, not a property "
+                    "of your model: re-run with -v to see the per-task table and report it with your torch, onnx, "
+                    "onnxscript and onnxruntime versions (pip list). To inspect the graph anyway, re-run with "
+                    "--no-verify (its manifest then records that it was not verified)."
                 )
         import onnx
 
@@ -188,7 +207,6 @@ def run_export(
         data_files = external_data_files(onnx_tmp)
         size = onnx_tmp.stat().st_size + sum((staging / d).stat().st_size for d in data_files)
         inputs, outputs = io_for_config(cfg, "batch" if dynamic_batch else batch, tasks)
-        ckpt_path = Path(ckpt)
         manifest = Manifest(
             artifact=out.name,
             kind="onnx",
@@ -200,7 +218,7 @@ def run_export(
             sha256=sha256_file(onnx_tmp),
             size_bytes=size,
             external_data=tuple(data_files),
-            parent={"kind": "checkpoint", "path": str(ckpt_path), "sha256": sha256_file(ckpt_path)},
+            parent=parent_record("checkpoint", ckpt_path, out.parent, ckpt_sha),
             export={
                 "exporter": "torch.onnx (dynamo)",
                 "opset": opset,
@@ -216,5 +234,5 @@ def run_export(
             created=now_iso(),
         )
         manifest.save(manifest_path_for(onnx_tmp))
-        publish(staging, out, data_files)
+        publish(staging, out, data_files, error_cls=ExportError)
     return ExportResult(out, manifest_path_for(out), manifest, parity)

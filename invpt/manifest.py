@@ -1,7 +1,8 @@
 """The manifest: one JSON file next to every artifact, read by every later stage and by C++ apps.
 
-``model.onnx`` gets ``model.json``; ``model.fp16.onnx`` gets ``model.fp16.json``; an engine gets
-``<engine>.json``. A manifest records what the artifact is (I/O names, shapes, dtypes), how to feed it
+``model.onnx`` gets ``model.json``; ``model.fp16.onnx`` gets ``model.fp16.json``; any other artifact gets its
+full name plus ``.json`` (``model.fp16.plan`` -> ``model.fp16.plan.json``), so manifests of different artifact
+kinds never collide. A manifest records what the artifact is (I/O names, shapes, dtypes), how to feed it
 (preprocessing), how to read its outputs (per-task decoding, class names), which config built it, where it
 came from (sha256 of the artifact and its parent, calibration provenance), the tool versions, and the
 verification results. Later stages read it instead of re-guessing from flags.
@@ -92,6 +93,24 @@ class Manifest:
     def replace(self, **changes: Any) -> "Manifest":
         return dataclasses.replace(self, **changes)
 
+    def parent_path(self, manifest_file: str | os.PathLike) -> Optional[Path]:
+        """Where the parent artifact (checkpoint or ONNX) should be, or None if none is recorded.
+
+        ``parent.path`` is relative to the folder of ``manifest_file`` (the manifest's own location, never the
+        working directory), so a folder moved as a whole still resolves. When that file is missing and the
+        manifest also records ``absolute_path`` (where the parent was at build time), that is used if it exists.
+        The caller still compares ``parent.sha256``, which is what identifies the parent.
+        """
+        parent = self.parent or {}
+        rel = parent.get("path")
+        if not rel:
+            return None
+        here = Path(manifest_file).parent / rel if not Path(rel).is_absolute() else Path(rel)
+        absolute = parent.get("absolute_path")
+        if not here.exists() and absolute and Path(absolute).exists():
+            return Path(absolute)
+        return here
+
     # ---- JSON ----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -153,9 +172,28 @@ def _tensor_info(d: dict[str, Any]) -> TensorInfo:
 
 
 def manifest_path_for(artifact: str | os.PathLike) -> Path:
-    """``dir/model.onnx`` -> ``dir/model.json``; ``dir/model.fp16.onnx`` -> ``dir/model.fp16.json``."""
+    """The manifest beside ``artifact``.
+
+    An ONNX file drops its ``.onnx``: ``dir/model.onnx`` -> ``dir/model.json``, ``dir/model.fp16.onnx`` ->
+    ``dir/model.fp16.json``. Every other artifact keeps its full name: ``dir/model.fp16.plan`` ->
+    ``dir/model.fp16.plan.json``, ``ckpt.pth`` -> ``ckpt.pth.json``. So the manifest of an engine built from
+    ``model.fp16.onnx`` can never be the ONNX file's manifest (``model.fp16.json``).
+    """
     p = Path(artifact)
-    return p.with_suffix(".json")
+    if p.suffix == ".onnx":
+        return p.with_suffix(".json")
+    return p.with_name(p.name + ".json")
+
+
+def parent_record(kind: str, parent: str | os.PathLike, manifest_dir: str | os.PathLike, sha256: str) -> dict[str, str]:
+    """The ``parent`` entry of a manifest written into ``manifest_dir``: ``path`` relative to that folder (so the
+    folder can be moved as a whole), ``absolute_path`` where it is now, and its ``sha256`` (what identifies it)."""
+    absolute = Path(os.path.abspath(parent))
+    try:
+        rel = os.path.relpath(absolute, os.path.abspath(manifest_dir))
+    except ValueError:  # another drive (Windows)
+        rel = str(absolute)
+    return {"kind": kind, "path": rel, "absolute_path": str(absolute), "sha256": sha256}
 
 
 def load_manifest_for(artifact: str | os.PathLike) -> Manifest:

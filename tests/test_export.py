@@ -2,6 +2,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -9,7 +14,8 @@ import numpy as np
 import onnx
 import pytest
 
-from invpt.errors import ExportError, VerificationError
+from invpt.artifacts import verified_manifest
+from invpt.errors import ExportError, InputError, VerificationError
 from invpt.export import expected_resize_sizes, resize_sites, run_export
 from invpt.export.cli import main as export_main
 from invpt.export.ort import ort_session, run_session
@@ -129,7 +135,7 @@ def test_bad_inputs(tmp_path, tiny_pascal_official_ckpt):
     assert export_main(["--ckpt", str(tiny_pascal_official_ckpt), "--opset", "13", "--out", str(tmp_path / "b.onnx")]) == 2
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    with pytest.raises(ExportError, match="writable"):
+    with pytest.raises(InputError, match="writable"):
         run_export(tiny_pascal_official_ckpt, blocker / "c.onnx", verify=False)
     assert export_main(["--ckpt", str(tiny_pascal_official_ckpt), "--tasks", "depth", "--out", str(tmp_path / "d.onnx")]) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
@@ -137,9 +143,114 @@ def test_bad_inputs(tmp_path, tiny_pascal_official_ckpt):
 
 def test_failed_verification_leaves_nothing(tmp_path, tiny_pascal_official_ckpt):
     impossible = Tolerance(max_rel_err=0.0, min_cosine=1.0, min_agreement=1.0)
-    with pytest.raises(VerificationError, match="was not written"):
+    with pytest.raises(VerificationError, match="was not written") as err:
         run_export(tiny_pascal_official_ckpt, tmp_path / "m.onnx", tolerance=impossible, simplify=False)
+    msg = str(err.value)
+    assert "--no-verify" in msg and "onnxruntime versions" in msg and "custom tolerance" not in msg
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def ckpt_copy(tiny_pascal_official_ckpt, tmp_path) -> Path:
+    """A private copy of the checkpoint (the tests below try to overwrite it)."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    path = folder / "c.pth.tar"
+    path.write_bytes(tiny_pascal_official_ckpt.read_bytes())
+    return path
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if the checkpoint is loaded: bad input must be refused before any model work."""
+    import invpt
+
+    def boom(*a, **kw):
+        raise AssertionError("load_model was called before the inputs were validated")
+
+    monkeypatch.setattr(invpt, "load_model", boom)
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("how", ["same", "hardlink", "symlink"])
+def test_export_refuses_to_overwrite_the_checkpoint(ckpt_copy, tmp_path, no_model_load, capsys, how):
+    folder, ckpt = ckpt_copy.parent, ckpt_copy
+    if how == "same":
+        out = ckpt
+    elif how == "hardlink":
+        out = folder / "alias.onnx"
+        os.link(ckpt, out)
+    else:
+        out = folder / "sym.onnx"
+        out.symlink_to(ckpt)
+    before = _files(folder)
+    assert export_main(["--ckpt", str(ckpt), "--no-verify", "--out", str(out)]) == 2
+    assert "never writes into its inputs" in capsys.readouterr().err
+    assert _files(folder) == before and sorted(p.name for p in folder.iterdir()) == sorted(before)
+
+
+@pytest.mark.parametrize("out, needle", [("dir", "is an existing directory"), ("m.json", "ends in .json")])
+def test_export_refuses_bad_output_before_loading(ckpt_copy, tmp_path, no_model_load, capsys, out, needle):
+    (tmp_path / "dir").mkdir()
+    assert export_main(["--ckpt", str(ckpt_copy), "--out", str(tmp_path / out)]) == 2
+    assert needle in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "in"] and not list((tmp_path / "dir").iterdir())
+
+
+def test_export_refuses_empty_task_list(ckpt_copy, tmp_path, no_model_load, capsys):
+    assert export_main(["--ckpt", str(ckpt_copy), "--tasks", "", "--out", str(tmp_path / "m.onnx")]) == 2
+    assert "names no task" in capsys.readouterr().err
+    with pytest.raises(InputError, match="names no task"):
+        run_export(ckpt_copy, tmp_path / "m.onnx", tasks=[" "])
+    assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("kind, needle", [("dir", "is a directory"), ("fifo", "is a FIFO"), ("missing", "does not exist")])
+def test_export_checkpoint_path_problems(tmp_path, no_model_load, capsys, kind, needle):
+    ckpt = tmp_path / "c.pth"
+    if kind == "dir":
+        ckpt.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(ckpt)
+    assert export_main(["--ckpt", str(ckpt), "--out", str(tmp_path / "m.onnx")]) == 2
+    assert f"Checkpoint '{ckpt}' {needle}" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ([] if kind == "missing" else ["c.pth"])
+
+
+def test_manifest_parent_is_relative_to_its_folder(pascal_dynamic, tiny_pascal_official_ckpt, tmp_path, monkeypatch):
+    m = pascal_dynamic.manifest
+    assert not Path(m.parent["path"]).is_absolute()
+    monkeypatch.chdir(tmp_path)  # a different working directory
+    assert m.parent_path(pascal_dynamic.manifest_path).resolve() == tiny_pascal_official_ckpt.resolve()
+    assert verified_manifest(pascal_dynamic.onnx_path).sha256 == m.sha256
+
+
+def test_killed_export_is_cleaned_up_by_the_next_run(ckpt_copy, tmp_path):
+    """SIGKILL mid-export leaves a staging folder; the next run of the same output removes it and succeeds."""
+    out = tmp_path / "out" / "m.onnx"
+    out.parent.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "invpt.export.cli", "--ckpt", str(ckpt_copy), "--out", str(out),
+                             "--no-verify", "-q"], env=env)
+    deadline = time.monotonic() + 120
+    try:
+        while not list(out.parent.glob(".m.onnx.staging.*/.lock")):  # the run is live inside its staging folder
+            assert proc.poll() is None, "export ended before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert [p for p in out.parent.iterdir() if ".staging." in p.name]  # the killed run left its folder
+    assert not out.exists()
+    assert export_main(["--ckpt", str(ckpt_copy), "--out", str(out), "--no-verify", "-q"]) == 0
+    assert not [p for p in out.parent.iterdir() if ".staging." in p.name]
+    assert verified_manifest(out).parent["sha256"] == sha256_file(ckpt_copy)
+    assert sorted(p.name for p in out.parent.iterdir()) == [".m.onnx.lock", "m.json", "m.onnx"]
 
 
 def test_cli_success(tmp_path, tiny_pascal_official_ckpt):
