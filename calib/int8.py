@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
+from invpt.artifacts import private_copy
 from invpt.calib.policy import QUANTIZABLE_OPS, exact_name_regexes
-from invpt.errors import DependencyError, ExportError, InputError
+from invpt.cli.common import onnxruntime_severity
+from invpt.errors import DependencyError, InputError, ToolError, library_version
 
 _logger = logging.getLogger(__name__)
 
@@ -57,11 +62,17 @@ def calibrates_per_node(onnx_path: str | os.PathLike, per_node: bool | None = No
 
 
 def quantize_int8(onnx_path: str | os.PathLike, out_path: str | os.PathLike, calib: np.ndarray, method: str,
-                  exclude_nodes: Sequence[str], input_name: str = "image", per_node: bool | None = None) -> Path:
+                  exclude_nodes: Sequence[str], input_name: str = "image", per_node: bool | None = None, *,
+                  input_is_private: bool = False) -> Path:
     """Write a Q/DQ INT8 model of ``onnx_path`` calibrated on ``calib`` [N, 3, H, W].
 
     ``per_node`` picks ModelOpt's node-by-node calibration (see ``calibrates_per_node``; None = by model size).
     The onnxruntime ``percentile`` path has no such mode and ignores it.
+
+    The quantizer never sees ``onnx_path`` itself (ModelOpt rewrites its input in place, onnxruntime writes beside
+    it): it gets a :func:`~invpt.artifacts.private_copy` in ``out_path``'s folder, removed afterwards. A caller that
+    quantizes one model many times (the sensitivity sweep) makes that copy once and passes ``input_is_private=True``.
+    A library failure raises :class:`~invpt.errors.ToolError`.
     """
     if method not in CALIB_METHODS:
         raise InputError(f"Unknown calibration method '{method}'; use one of {', '.join(CALIB_METHODS)}.")
@@ -72,12 +83,117 @@ def quantize_int8(onnx_path: str | os.PathLike, out_path: str | os.PathLike, cal
     if len(calib) % batch:
         raise InputError(f"'{onnx_path}' has a static batch of {batch}; give a multiple of {batch} calibration "
                          f"samples (got {len(calib)}).")
-    if method == "percentile":
-        _quantize_ort(Path(onnx_path), out_path, calib, exclude_nodes, input_name, batch)
-    else:
-        _quantize_modelopt(Path(onnx_path), out_path, calib, method, exclude_nodes, input_name, batch, dynamic,
-                           calibrates_per_node(onnx_path, per_node))
+    per_node = calibrates_per_node(onnx_path, per_node)
+    with _library_input(Path(onnx_path), out_path.parent, input_is_private) as src:
+        if method == "percentile":
+            _quantize_ort(src, out_path, calib, exclude_nodes, input_name, batch)
+        else:
+            _quantize_modelopt(src, out_path, calib, method, exclude_nodes, input_name, batch, dynamic, per_node)
     return out_path
+
+
+@contextmanager
+def _library_input(onnx_path: Path, work_dir: Path, is_private: bool) -> Iterator[Path]:
+    """``onnx_path`` if it is already the caller's private copy, else a private copy in ``work_dir`` (then removed)."""
+    if is_private:
+        yield onnx_path
+        return
+    with tempfile.TemporaryDirectory(prefix=".invpt-input.", dir=work_dir) as tmp:
+        yield private_copy(onnx_path, tmp)
+
+
+def modelopt_log_level() -> int:
+    """The level for ModelOpt's log: that of the ``modelopt`` logger, which ``configure_logging`` sets from -q/-v
+    (errors with -q, warnings by default, info with -v, debug with -vv); WARNING (the root default) otherwise."""
+    return logging.getLogger("modelopt").getEffectiveLevel()
+
+
+def _adopt_modelopt_loggers(level=None, log_file=None) -> None:  # signature of ModelOpt's configure_logging
+    """Undo ModelOpt's logging setup: it installs a stdout handler at INFO on ``modelopt.onnx`` (and
+    ``modelopt.onnx.autocast``) on import and on every ``quantize()`` call. Its loggers then inherit the level and
+    handlers of the ``modelopt`` logger, i.e. invpt's stderr and --log-file, at :func:`modelopt_log_level`."""
+    console_streams = {id(s) for s in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__) if s is not None}
+    for name in [n for n in list(logging.root.manager.loggerDict) if n.startswith("modelopt.")]:
+        lg = logging.getLogger(name)
+        for h in list(lg.handlers):
+            if type(h) is logging.StreamHandler and id(h.stream) in console_streams:
+                lg.removeHandler(h)
+        lg.setLevel(logging.NOTSET)
+        lg.propagate = True
+
+
+class _CpuNvmlProbeFilter(logging.Filter):
+    """ModelOpt's calibrator asks NVML for the GPU count (to shrink GPU memory arenas) and logs an ERROR when there is
+    no NVIDIA driver ("Failed to get GPU count: NVML Shared Library Not Found"). invpt calibrates on the CPU, so the
+    count is irrelevant: the line is dropped, or shown as DEBUG with -vv."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("Failed to get GPU count"):
+            return True
+        if not logging.getLogger("modelopt").isEnabledFor(logging.DEBUG):
+            return False
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        record.msg = f"{record.msg} (harmless: invpt calibrates on the CPU)"
+        return True
+
+
+@contextmanager
+def modelopt_logging(cpu_only: bool = True) -> Iterator[str]:
+    """Around a ModelOpt call: its log goes through invpt's handlers at :func:`modelopt_log_level` (yielded as the
+    name ModelOpt's ``log_level`` argument takes) instead of its own stdout handler; on the CPU, the NVML probe's
+    error line is dropped (see :class:`_CpuNvmlProbeFilter`).
+
+    ModelOpt's entry points (``quantize``, its int8/fp8/int4 modules) call its ``configure_logging`` again, which
+    would put the stdout handler back at their ``log_level``: inside the block, the modules' references to it point
+    at :func:`_adopt_modelopt_loggers` instead (restored afterwards). The progress that onnxruntime's calibrators
+    ``print()`` is info: it goes to stderr with -v and nowhere otherwise, so stdout stays clean for data.
+    """
+    import contextlib
+
+    originals = []
+    for name in ("modelopt.onnx.logging_config", "modelopt.onnx.autocast.logging_config"):
+        module = sys.modules.get(name)
+        if module is not None and callable(getattr(module, "configure_logging", None)):
+            originals.append(module.configure_logging)
+    level = modelopt_log_level()
+    modules = [m for name, m in list(sys.modules.items()) if name.startswith("modelopt.") and m is not None]
+    swapped = [(m, "configure_logging", m.configure_logging, _adopt_modelopt_loggers) for m in modules
+               if any(getattr(m, "configure_logging", None) is f for f in originals)]
+    swapped += [(m, "tqdm", m.tqdm, _tqdm_for(m.tqdm, level)) for m in modules if _is_tqdm(getattr(m, "tqdm", None))]
+    _adopt_modelopt_loggers()
+    nvml = _CpuNvmlProbeFilter()
+    onnx_logger = logging.getLogger("modelopt.onnx")
+    if cpu_only:
+        onnx_logger.addFilter(nvml)
+    try:
+        for module, attr, _, replacement in swapped:
+            setattr(module, attr, replacement)
+        with open(os.devnull, "w") as devnull, \
+                contextlib.redirect_stdout(sys.stderr if level <= logging.INFO else devnull):
+            yield logging.getLevelName(level)
+    finally:
+        for module, attr, original, _ in swapped:
+            setattr(module, attr, original)
+        onnx_logger.removeFilter(nvml)
+
+
+def _is_tqdm(obj) -> bool:
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return False
+    return isinstance(obj, type) and issubclass(obj, tqdm)
+
+
+def _tqdm_for(cls: type, level: int) -> type:
+    """``cls`` whose bars are off with -q and otherwise shown only on a terminal (like invpt's own bars)."""
+    disable = True if level > logging.WARNING else None
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("disable", disable)
+        cls.__init__(self, *args, **kwargs)
+
+    return type(cls.__name__, (cls,), {"__init__": __init__})
 
 
 def _quantize_modelopt(src: Path, out: Path, calib: np.ndarray, method: str, exclude: Sequence[str], input_name: str,
@@ -86,7 +202,6 @@ def _quantize_modelopt(src: Path, out: Path, calib: np.ndarray, method: str, exc
         from modelopt.onnx.quantization import quantize
     except ImportError as err:
         raise DependencyError("nvidia-modelopt is not installed; install the calib extra: pip install 'invpt[calib]'.") from err
-    level = "DEBUG" if logging.getLogger("invpt").isEnabledFor(logging.DEBUG) else "WARNING"
     steps = len(calib) // batch
     _logger.info("INT8 %s calibration: %d sample(s) in %d step(s) of batch %d%s", method, len(calib), steps, batch,
                  ", node by node (bounded memory)" if per_node else ", whole graph")
@@ -96,29 +211,32 @@ def _quantize_modelopt(src: Path, out: Path, calib: np.ndarray, method: str, exc
             "minutes each for ViT-L on 2 CPU cores). Export with --dynamic-batch to calibrate in batches of up to %d.",
             src, batch, steps, MAX_CALIBRATION_BATCH)
     shapes = f"{input_name}:" + "x".join(str(d) for d in (batch, *calib.shape[1:])) if dynamic else None
-    try:
-        quantize(
-            str(src),
-            quantize_mode="int8",
-            calibration_data={input_name: calib},
-            calibration_method=method,
-            calibration_shapes=shapes,
-            calibration_eps=["cpu"],
-            op_types_to_quantize=list(QUANTIZABLE_OPS),
-            nodes_to_exclude=exact_name_regexes(exclude),
-            high_precision_dtype="fp32",
-            output_path=str(out),
-            log_level=level,
-            use_external_data_format=src.stat().st_size > 1_800_000_000,
-            calibrate_per_node=per_node,  # see calibrates_per_node
-            # Weights stored as INT8 initializers + DequantizeLinear (TensorRT's offline-quantized weight form)
-            # instead of FP32 weights + QuantizeLinear/DequantizeLinear: same numbers, ~4x smaller weights on disk.
-            dq_only=True,
-        )
-    except Exception as err:
-        raise ExportError(f"ModelOpt INT8 quantization of '{src}' failed: {str(err).splitlines()[0][:300]}") from err
+    with modelopt_logging(cpu_only=True) as level:
+        try:
+            quantize(
+                str(src),
+                quantize_mode="int8",
+                calibration_data={input_name: calib},
+                calibration_method=method,
+                calibration_shapes=shapes,
+                calibration_eps=["cpu"],
+                op_types_to_quantize=list(QUANTIZABLE_OPS),
+                nodes_to_exclude=exact_name_regexes(exclude),
+                high_precision_dtype="fp32",
+                output_path=str(out),
+                log_level=level,
+                use_external_data_format=src.stat().st_size > 1_800_000_000,
+                calibrate_per_node=per_node,  # see calibrates_per_node
+                # Weights stored as INT8 initializers + DequantizeLinear (TensorRT's offline-quantized weight form)
+                # instead of FP32 weights + QuantizeLinear/DequantizeLinear: same numbers, ~4x smaller weights on disk.
+                dq_only=True,
+            )
+        except Exception as err:  # any failure inside ModelOpt (invpt checked the model and the data before)
+            raise ToolError.from_exception("ModelOpt", f"quantizing a copy of the model to INT8 ({method} calibration)",
+                                           err, "nvidia-modelopt") from err
     if not out.exists():
-        raise ExportError(f"ModelOpt reported success but wrote no '{out}'.")
+        raise ToolError(f"ModelOpt {library_version('nvidia-modelopt')} reported success but wrote no '{out}'; "
+                        "re-run with -v and report it.", "ModelOpt", library_version("nvidia-modelopt"))
 
 
 class _ArrayReader:
@@ -135,27 +253,63 @@ def _quantize_ort(src: Path, out: Path, calib: np.ndarray, exclude: Sequence[str
     """Percentile calibration with onnxruntime, in a fresh process.
 
     ModelOpt patches onnxruntime's calibrators process-wide when it runs, after which ``quantize_static``
-    fails ("Histogram has not been collected"); a spawned process keeps the two tools apart.
+    fails ("Histogram has not been collected"); a spawned process keeps the two tools apart. A failure in it (or
+    its death, e.g. killed for memory) is a :class:`~invpt.errors.ToolError` chained to the worker's traceback.
     """
     import multiprocessing
-    import tempfile
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
+    level = logging.getLogger("onnxruntime").getEffectiveLevel()
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         data = Path(tmp) / "calib.npy"
         np.save(data, calib)
-        ctx = multiprocessing.get_context("spawn")
-        with ctx.Pool(1) as pool:
-            error = pool.apply(_ort_worker, (str(src), str(out), str(data), list(exclude), input_name, batch))
-    if error:
-        raise ExportError(f"onnxruntime percentile quantization of '{src}' failed: {error}")
+        try:
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                args = (str(src), str(out), str(data), list(exclude), input_name, batch, level)
+                pool.submit(_ort_worker, *args).result()
+        except BrokenProcessPool as err:
+            raise ToolError(
+                "The onnxruntime percentile-calibration worker process died (killed, most likely for lack of memory); "
+                "free memory or use fewer --calib-samples, or calibrate with --calib-method entropy.",
+                "onnxruntime", library_version("onnxruntime")) from err
+        except Exception as err:  # raised in the worker: its traceback is chained
+            raise ToolError.from_exception("onnxruntime", "quantizing a copy of the model to INT8 (percentile "
+                                           "calibration, quantize_static)", err) from err
     detach_float_consumers(out, FLOAT_ONLY_OPS)
 
 
-def _ort_worker(src: str, out: str, data: str, exclude: list, input_name: str, batch: int) -> str:
-    """Runs in the spawned process; returns an error line or ''."""
+class _OrtAdviceFilter(logging.Filter):
+    """``quantize_static`` advises its API user to pre-process the model ("Please consider ... pre-processing"); an
+    invpt user cannot act on that, so it is shown as DEBUG (with -vv) instead of a warning."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "consider" not in str(record.msg) or "pre-processing" not in str(record.msg):
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger().isEnabledFor(logging.DEBUG)
+
+
+def _ort_worker(src: str, out: str, data: str, exclude: list, input_name: str, batch: int, log_level: int) -> None:
+    """Runs in the spawned process (invpt's own), whose log follows the parent's level for onnxruntime.
+
+    ``quantize_static`` logs on the root logger and prints its calibration progress to stdout; here both go to
+    stderr at ``log_level`` (the progress is info: shown with -v), keeping the parent's stdout for data.
+    """
+    import contextlib
+
+    import onnxruntime
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    try:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[%(name)s] %(levelname)s %(message)s"))
+    handler.addFilter(_OrtAdviceFilter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(log_level)
+    onnxruntime.set_default_logger_severity(onnxruntime_severity(log_level))
+    with open(os.devnull, "w") as devnull, \
+            contextlib.redirect_stdout(sys.stderr if log_level <= logging.INFO else devnull):
         quantize_static(
             src, out, _ArrayReader(input_name, np.load(data), batch),
             quant_format=QuantFormat.QDQ, op_types_to_quantize=list(QUANTIZABLE_OPS), per_channel=True,
@@ -164,9 +318,6 @@ def _ort_worker(src: str, out: str, data: str, exclude: list, input_name: str, b
             use_external_data_format=Path(src).stat().st_size > 1_800_000_000,
             extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
         )
-    except Exception as err:
-        return str(err).splitlines()[0][:300] if str(err) else type(err).__name__
-    return ""
 
 
 FLOAT_ONLY_OPS = ("LayerNormalization", "Softmax", "Resize")

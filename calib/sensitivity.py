@@ -13,16 +13,18 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
+from invpt.artifacts import private_copy
 from invpt.calib.evaluate import run_onnx_batches, task_agreement
 from invpt.calib.int8 import quantize_int8
 from invpt.calib.policy import NodeSelection, block_terms, graph_nodes, quantizable_nodes, resolve_terms
 from invpt.config import InvPTConfig
-from invpt.errors import ExportError
+from invpt.errors import ToolError
 from invpt.tasks import TaskSpec
 
 _logger = logging.getLogger(__name__)
@@ -94,10 +96,14 @@ def _markdown(report: dict) -> str:
 
 def run_sensitivity(onnx_path: Path, workdir: Path, data, ref: Mapping[str, np.ndarray], specs: Sequence[TaskSpec],
                     selection: NodeSelection, method: str, cfg: InvPTConfig,
-                    budgets: Optional[Mapping[str, float]] = None, per_node: Optional[bool] = None) -> dict:
+                    budgets: Optional[Mapping[str, float]] = None, per_node: Optional[bool] = None, *,
+                    input_is_private: bool = False) -> dict:
     """Measure every block alone in INT8, search the keep-set for ``budgets``; writes JSON, Markdown and PNG.
 
     ``per_node`` is passed to ``quantize_int8`` (node-by-node or whole-graph calibration; None = by model size).
+    Every quantization reads one :func:`~invpt.artifacts.private_copy` of ``onnx_path`` made in ``workdir`` (the
+    stage's staging folder) for the whole sweep, never the user's file; a caller that already made one for the
+    stage passes it with ``input_is_private=True``.
     """
     from tqdm import tqdm
 
@@ -108,30 +114,40 @@ def run_sensitivity(onnx_path: Path, workdir: Path, data, ref: Mapping[str, np.n
     all_q = quantizable_nodes(nodes, base_excluded)
     per_block = {}
     failed: dict[str, str] = {}
-    for block in tqdm(list(blocks), desc="sensitivity", unit="block", disable=None):
-        mine = set(blocks[block]) & set(all_q)
-        if not mine:
-            continue
-        exclude = base_excluded | (set(all_q) - mine)
-        tmp = workdir / f"sens_{block}.onnx"
-        try:
-            quantize_int8(onnx_path, tmp, data.calib, method, sorted(exclude), per_node=per_node)
-        except ExportError as err:  # e.g. a calibrator that cannot handle a single small block
-            _logger.warning("sensitivity: %s could not be quantized alone (%s); left out of the report", block, err)
-            failed[block] = str(err)
-            continue
-        per_block[block] = _measure(tmp, data.holdout, ref, specs)
+    copy_dir = workdir / ".sensitivity-input"
+    # once for the sweep (quantize_int8 would copy per call); removed at the end unless it is the caller's
+    private = onnx_path if input_is_private else private_copy(onnx_path, copy_dir)
+    try:
+        for block in tqdm(list(blocks), desc="sensitivity", unit="block", disable=None):
+            mine = set(blocks[block]) & set(all_q)
+            if not mine:
+                continue
+            exclude = base_excluded | (set(all_q) - mine)
+            tmp = workdir / f"sens_{block}.onnx"
+            try:
+                quantize_int8(private, tmp, data.calib, method, sorted(exclude), per_node=per_node,
+                              input_is_private=True)
+            except ToolError as err:  # e.g. a calibrator that cannot handle a single small block
+                _logger.warning("sensitivity: %s could not be quantized alone (%s); left out of the report", block,
+                                err)
+                _logger.debug("sensitivity: %s failure", block, exc_info=err)
+                failed[block] = str(err)
+                continue
+            per_block[block] = _measure(tmp, data.holdout, ref, specs)
+            tmp.unlink(missing_ok=True)
+            _logger.debug("sensitivity %s: %s", block, {t: round(v["rel_l2"], 5) for t, v in per_block[block].items()})
+        report = {"tasks": tasks, "method": method, "holdout_samples": int(len(data.holdout)), "per_block": per_block,
+                  "failed_blocks": failed}
+        budgets = {t: float((budgets or {}).get(t, DEFAULT_BUDGET)) for t in tasks}
+        keep = greedy_keep(per_block, budgets)
+        exclude = base_excluded | {n for b in keep for n in blocks[b]}
+        tmp = workdir / "sens_search.onnx"
+        quantize_int8(private, tmp, data.calib, method, sorted(exclude), per_node=per_node, input_is_private=True)
+        report["search"] = {"budgets": budgets, "keep_blocks": keep,
+                            "measured": _measure(tmp, data.holdout, ref, specs)}
         tmp.unlink(missing_ok=True)
-        _logger.debug("sensitivity %s: %s", block, {t: round(v["rel_l2"], 5) for t, v in per_block[block].items()})
-    report = {"tasks": tasks, "method": method, "holdout_samples": int(len(data.holdout)), "per_block": per_block,
-              "failed_blocks": failed}
-    budgets = {t: float((budgets or {}).get(t, DEFAULT_BUDGET)) for t in tasks}
-    keep = greedy_keep(per_block, budgets)
-    exclude = base_excluded | {n for b in keep for n in blocks[b]}
-    tmp = workdir / "sens_search.onnx"
-    quantize_int8(onnx_path, tmp, data.calib, method, sorted(exclude), per_node=per_node)
-    report["search"] = {"budgets": budgets, "keep_blocks": keep, "measured": _measure(tmp, data.holdout, ref, specs)}
-    tmp.unlink(missing_ok=True)
+    finally:
+        shutil.rmtree(copy_dir, ignore_errors=True)
     stem = onnx_path.stem + ".int8"
     (workdir / f"{stem}.sensitivity.json").write_text(json.dumps(report, indent=2))
     (workdir / f"{stem}.sensitivity.md").write_text(_markdown(report))
