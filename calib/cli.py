@@ -28,6 +28,10 @@ calibrates the whole graph at once instead.
 Tolerances vs FP32 PyTorch on held-out samples (pass/fail, exit 3 on fail):
   fp16: rel err <= 1e-2, cosine >= 0.9999, agreement >= 0.99
   int8: rel err <= 0.15, cosine >= 0.99,   agreement >= 0.90
+
+exit codes: 0 verified (or --no-verify); 2 bad input (also an ONNX that no longer matches its manifest), nothing
+written; 3 outside the tolerance, nothing written unless --allow-mismatch; 4 a library (ModelOpt, onnxruntime) failed:
+re-run with -v for its traceback.
 """
 
 
@@ -154,7 +158,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of ``invpt-quantize``; returns 0 ok, 2 bad input, 3 outside tolerance."""
+    """Entry point of ``invpt-quantize``; returns 0 ok, 2 bad input, 3 outside tolerance, 4 a library failed."""
     return run_main(_run, build_parser(), argv)
 
 

@@ -18,7 +18,7 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from invpt.artifacts import check_output, publish, staging_dir, verified_manifest
+from invpt.artifacts import check_output, private_copy, publish, staging_dir, verified_manifest
 from invpt.calib.data import CalibrationData, load_calibration_data
 from invpt.calib.evaluate import PRECISION_TOLERANCES, evaluate, reference_outputs, run_onnx_batches, task_table
 from invpt.calib.fp16 import convert_fp16
@@ -230,16 +230,22 @@ def run_quantize(
         holdout = np.random.default_rng(seed).standard_normal((max(holdout_samples, 1), 3, *cfg.image_size), dtype=np.float32)
         holdout_desc = f"{len(holdout)} seeded random input(s) (no --calib-data given)"
 
-    try:
-        selection = select_nodes(onnx_path, precision, policy, keep_terms, tasks, cfg.backbone.depth)
-    except DecodeError as err:
-        raise unreadable_onnx(onnx_path, err) from err
-    per_node = calibrates_per_node(onnx_path, calibrate_per_node)  # ModelOpt only; percentile ignores it
     lap("data_s")
     sens_report = None
     with staging_dir(out, InputError) as staging:
+        # The whole stage reads one private copy of the input, checked to be the file the manifest describes: libraries
+        # rewrite their input in place, and the user's file may change while we run.
+        src = private_copy(onnx_path, staging / ".input")
+        if sha256_file(src) != manifest.sha256:
+            raise InputError(f"'{onnx_path}' changed while invpt-quantize was starting (its sha256 no longer matches "
+                             f"'{manifest_file}'); nothing was written. Run again once it is no longer being written.")
+        try:
+            selection = select_nodes(src, precision, policy, keep_terms, tasks, cfg.backbone.depth)
+        except DecodeError as err:
+            raise unreadable_onnx(onnx_path, err) from err
+        per_node = calibrates_per_node(src, calibrate_per_node)  # ModelOpt only; percentile ignores it
         reference_model = _load_reference_model(manifest, manifest_file, ref_ckpt) if verify or sensitivity else None
-        ref, ref_name = (reference_outputs(holdout, tasks, reference_model, onnx_path) if (verify or sensitivity)
+        ref, ref_name = (reference_outputs(holdout, tasks, reference_model, src) if (verify or sensitivity)
                          else ({}, ""))
         del reference_model  # ~1.7 GB for ViT-L; quantization needs the memory
         gc.collect()
@@ -247,18 +253,19 @@ def run_quantize(
         if sensitivity:
             from invpt.calib.sensitivity import run_sensitivity
 
-            sens_report = run_sensitivity(onnx_path, staging, data, ref, specs, selection, calib_method, cfg, budgets,
-                                          per_node=per_node)
+            sens_report = run_sensitivity(src, staging, data, ref, specs, selection, calib_method, cfg, budgets,
+                                          per_node=per_node, input_is_private=True)
             extra = sens_report.get("search", {}).get("keep_blocks", [])
             if extra:
-                selection = select_nodes(onnx_path, precision, policy, list(keep_terms) + list(extra), tasks,
+                selection = select_nodes(src, precision, policy, list(keep_terms) + list(extra), tasks,
                                          cfg.backbone.depth)
             lap("sensitivity_s")
         tmp_out = staging / out.name
         if precision == "fp16":
-            convert_fp16(onnx_path, tmp_out, selection.kept_nodes, selection.policy.keep_op_types)
+            convert_fp16(src, tmp_out, selection.kept_nodes, selection.policy.keep_op_types)
         else:
-            quantize_int8(onnx_path, tmp_out, data.calib, calib_method, selection.kept_nodes, per_node=per_node)
+            quantize_int8(src, tmp_out, data.calib, calib_method, selection.kept_nodes, per_node=per_node,
+                          input_is_private=True)
         check_graph(tmp_out)
         audit = graph_audit(tmp_out)
         if precision == "int8":

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from invpt.cli.common import Stopwatch, add_logging_args, add_model_args, human_size, parse_task_list, run_main
-from invpt.export.onnx_export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
+from invpt.export.opsets import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 
 _logger = logging.getLogger("invpt.export")
 
@@ -17,6 +17,9 @@ EXAMPLES = """examples:
   invpt-export --ckpt InvPT_pascal_vitLp16.pth.tar                 # config inferred -> InvPT_pascal_vitLp16.onnx
   invpt-export --ckpt nyud.pth --out out/nyud.onnx --dynamic-batch
   invpt-export --ckpt my.pth --config my_model.yaml --tasks semseg,depth --opset 19
+
+exit codes: 0 verified (or --no-verify); 2 bad input, nothing written; 3 ONNX Runtime disagrees with PyTorch,
+nothing written; 4 a library (torch.onnx, onnx, onnxruntime) failed: re-run with -v for its traceback.
 """
 
 
@@ -95,7 +98,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of ``invpt-export``; returns the exit code (0 ok, 2 bad input, 3 verification failed)."""
+    """Entry point of ``invpt-export``; returns the exit code (0 ok, 2 bad input, 3 verification failed, 4 a library failed)."""
     return run_main(_run, build_parser(), argv)
 
 

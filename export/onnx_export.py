@@ -19,14 +19,11 @@ import torch
 from torch import nn
 
 from invpt.artifacts import publish, staging_dir
-from invpt.errors import ExportError
+from invpt.errors import ExportError, ToolError
+from invpt.export.opsets import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, TRT10_MAX_OPSET  # noqa: F401 (re-exported)
 
 _logger = logging.getLogger(__name__)
 
-MIN_OPSET = 18  # the dynamo exporter's native opset; down-conversion to 17 can fail silently
-MAX_OPSET = 23
-TRT10_MAX_OPSET = 20  # TensorRT 10.x parsers (JetPack 6/7); TensorRT 11 parses up to 25
-DEFAULT_OPSET = 19
 EXTERNAL_DATA_THRESHOLD = int(1.8 * 2**30)  # protobuf's hard limit is 2 GiB for the whole file
 WRAPPER_ATTR = "model"
 ExternalData = Literal["auto", "always", "never"]
@@ -115,11 +112,10 @@ def export_onnx(
                     optimize=True,
                     verbose=False,
                 )
-            except Exception as err:
-                raise ExportError(
-                    f"torch.onnx export failed at opset {opset} ({type(err).__name__}: {str(err).splitlines()[0][:300]}). "
-                    f"Try the default --opset {DEFAULT_OPSET}; if it persists, report it with the model config."
-                ) from err
+            except Exception as err:  # the exporter crashed on a model and opset invpt had already checked
+                raise ToolError.from_exception(
+                    "torch.onnx", f"exporting at opset {opset} (if it is not the default, try --opset {DEFAULT_OPSET})",
+                    err, distribution="torch") from err
         proto = program.model_proto
         rename_nodes_by_module(proto)
         for k, v in (metadata or {}).items():

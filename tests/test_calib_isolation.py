@@ -110,8 +110,9 @@ def test_read_only_input_folder_never_triggers_modelopt_temp_copy(fp32, calib_di
 
 
 def test_sensitivity_copies_the_input_once(fp32, calib_dir, tmp_path, private_tmp, monkeypatch):
-    """One private copy for the whole sweep (plus one for the final model), not one per block."""
+    """One private copy for the whole stage (the sweep and the final model read it), not one per block."""
     import invpt.calib.int8 as int8_mod
+    import invpt.calib.pipeline as pipeline_mod
     import invpt.calib.sensitivity as sens_mod
 
     copies = []
@@ -122,12 +123,13 @@ def test_sensitivity_copies_the_input_once(fp32, calib_dir, tmp_path, private_tm
 
     monkeypatch.setattr(sens_mod, "private_copy", counting_copy)
     monkeypatch.setattr(int8_mod, "private_copy", counting_copy)
+    monkeypatch.setattr(pipeline_mod, "private_copy", counting_copy)
     before = _snapshot(fp32.onnx_path)
     out = tmp_path / "out" / "s.int8.onnx"
     res = run_quantize(fp32.onnx_path, "int8", out, calib_data=calib_dir, calib_samples=2, holdout_samples=1,
                        calib_method="max", cache_dir=tmp_path / "cache", sensitivity=True, verify=False)
     assert len(res.sensitivity["per_block"]) > 5
-    assert copies == [fp32.onnx_path, fp32.onnx_path]  # the sweep's copy, then the final quantization's
+    assert copies == [fp32.onnx_path]  # run_quantize's one verified copy; sweep and final quantization reuse it
     assert _snapshot(fp32.onnx_path) == before
     assert not [p for p in out.parent.iterdir() if "input" in p.name]
 
