@@ -342,7 +342,8 @@ def _configure(backend: Backend, builder: Any, network: Any, opts: BuildOptions,
         config.builder_optimization_level = opts.opt_level
     if backend.has("IBuilderConfig", "profiling_verbosity"):
         config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # the engine inspector needs it
-    if any(s["min"] != s["max"] for s in shapes.values()):
+    # A dynamic input needs a profile even when min == opt == max (the default batch 1,1,1 of a dynamic-batch ONNX).
+    if any(d < 0 for i in range(network.num_inputs) for d in network.get_input(i).shape):
         profile = builder.create_optimization_profile()
         for name, s in shapes.items():
             profile.set_shape(name, s["min"], s["opt"], s["max"])

@@ -325,6 +325,11 @@ def test_dynamic_batch_onnx_gets_the_batch_profile(tiny_pascal_official_ckpt, tm
     prof = (getattr(man, "build", None) or man.export["build"])["profile_shapes"]["image"]
     assert [prof[k][0] for k in ("min", "opt", "max")] == [1, 2, 4] and prof["max"][1:] == [3, 128, 128]
     assert man.verification["precision_check"]["summary"]["inputs"][0]["shape"][0] == -1
+    # Without --batch a dynamic-batch ONNX still needs a profile: batch 1 (as trtexec does), recorded as such.
+    plan1 = tmp_path / "dyn1.plan"
+    assert main(["--onnx", str(onnx_path), "--out", str(plan1)]) == 0
+    prof1 = (getattr(man1 := Manifest.load(manifest_path_for(plan1)), "build", None) or man1.export["build"])
+    assert [prof1["profile_shapes"]["image"][k][0] for k in ("min", "opt", "max")] == [1, 1, 1]
 
 
 def test_config_without_ckpt_is_refused(pascal, tmp_path, capsys):
