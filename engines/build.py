@@ -17,7 +17,7 @@ import os
 import resource
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -442,7 +442,7 @@ def inspect_engine(backend: Backend, plan_path: Path) -> dict[str, Any]:
 
 def engine_build_info(manifest: Manifest) -> dict[str, Any]:
     """The ``build`` section of an engine manifest (a typed field where the Manifest has one, else ``export.build``)."""
-    return getattr(manifest, "build", None) or (manifest.export or {}).get("build", {})
+    return manifest.build or {}
 
 
 def _peak_rss_bytes() -> int:
@@ -614,8 +614,7 @@ def run_build(
         }
         verification = {"precision_check": report, "engine_inspector": inspector,
                         "onnx_verification_passed": (man.verification or {}).get("passed")}
-        extra = {"build": build} if "build" in {f.name for f in fields(Manifest)} else {
-            "export": {**(man.export or {}), "build": build}}
+        extra = {"build": build}
         engine_man = man.replace(
             artifact=out_p.name, kind="engine", precision=precision, sha256=plan_sha, size_bytes=plan_size,
             external_data=(), parent=parent_record("onnx", onnx_path, out_p.parent, man.sha256),

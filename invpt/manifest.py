@@ -75,6 +75,7 @@ class Manifest:
     precision_policy: Optional[dict[str, Any]] = None
     calibration: Optional[dict[str, Any]] = None
     verification: Optional[dict[str, Any]] = None
+    build: Optional[dict[str, Any]] = None  # engines: backend and version, targets, profile shapes, options, timings
     versions: dict[str, str] = field(default_factory=dict)
     command: str = ""
     created: str = ""

@@ -88,7 +88,7 @@ def _check_engine(plan: Path, onnx_path: Path, precision: str) -> Manifest:
     assert man.kind == "engine" and man.precision == precision and man.artifact == plan.name
     assert man.sha256 == sha256_file(plan) and man.size_bytes == plan.stat().st_size
     assert man.parent["kind"] == "onnx" and man.parent["sha256"] == sha256_file(onnx_path)
-    build = getattr(man, "build", None) or man.export["build"]
+    build = man.build
     assert build["backend"] == "tensorrt_rtx" and build["backend_version"] == trt.__version__
     assert build["plan"]["magic"] == plan.read_bytes()[:4].decode("latin-1")  # a plain plan: no header of ours
     assert build["timings_s"]["build_s"] > 0 and build["peak_rss_bytes"] > 0
@@ -127,12 +127,12 @@ def test_pascal_builds_pass_the_check_and_match_their_manifest(pascal, precision
     man = _check_engine(plan, src, precision)
     assert _snapshot(*pascal.values()) == before  # inputs and their manifests untouched
     if precision == "fp32":
-        build = getattr(man, "build", None) or man.export["build"]
+        build = man.build
         assert build["targets"]["compute_capabilities"] == ["86", "89"]
         assert build["options"]["compute_capabilities"] == ["86", "89"]
         assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == [plan.name, plan.name + ".json"]
     else:
-        assert (getattr(man, "build", None) or man.export["build"])["prepared"]["quantize"]["reused"] is True
+        assert man.build["prepared"]["quantize"]["reused"] is True
 
 
 def test_nyud_from_checkpoint_exports_then_builds_fp32(nyud_from_ckpt):
@@ -322,13 +322,13 @@ def test_dynamic_batch_onnx_gets_the_batch_profile(tiny_pascal_official_ckpt, tm
     assert main(["--onnx", str(onnx_path), "--batch", "1,2,4", "--out", str(plan)]) == 0  # with the progress monitor
     man = Manifest.load(manifest_path_for(plan))
     assert man.sha256 == sha256_file(plan) and man.inputs[0].shape[0] == "batch"
-    prof = (getattr(man, "build", None) or man.export["build"])["profile_shapes"]["image"]
+    prof = man.build["profile_shapes"]["image"]
     assert [prof[k][0] for k in ("min", "opt", "max")] == [1, 2, 4] and prof["max"][1:] == [3, 128, 128]
     assert man.verification["precision_check"]["summary"]["inputs"][0]["shape"][0] == -1
     # Without --batch a dynamic-batch ONNX still needs a profile: batch 1 (as trtexec does), recorded as such.
     plan1 = tmp_path / "dyn1.plan"
     assert main(["--onnx", str(onnx_path), "--out", str(plan1)]) == 0
-    prof1 = (getattr(man1 := Manifest.load(manifest_path_for(plan1)), "build", None) or man1.export["build"])
+    prof1 = Manifest.load(manifest_path_for(plan1)).build
     assert [prof1["profile_shapes"]["image"][k][0] for k in ("min", "opt", "max")] == [1, 1, 1]
 
 

@@ -1,0 +1,49 @@
+"""The manifest: round trip (build section included), refusal of unknown schema versions, collision-free names."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from invpt.config import load_config
+from invpt.errors import ManifestError
+from invpt.manifest import SCHEMA_VERSION, Manifest, Preprocessing, io_for_config, manifest_path_for
+
+
+def _manifest(**kw) -> Manifest:
+    cfg = load_config("tiny_pascal")
+    inputs, outputs = io_for_config(cfg, "batch")
+    return Manifest(artifact="m.fp16.plan", kind="engine", precision="fp16", config=cfg.to_dict(), inputs=inputs,
+                    outputs=outputs, preprocessing=Preprocessing(size=tuple(cfg.image_size)), **kw)
+
+
+def test_round_trip_keeps_every_section(tmp_path):
+    m = _manifest(build={"backend": "tensorrt_rtx", "profile_shapes": {"image": {"min": [1, 3, 128, 128]}}},
+                  verification={"passed": True})
+    path = m.save(tmp_path / "m.fp16.plan.json")
+    back = Manifest.load(path)
+    assert back == m and back.build["backend"] == "tensorrt_rtx" and back.inputs[0].shape[0] == "batch"
+
+
+@pytest.mark.parametrize("version", [SCHEMA_VERSION + 1, 0, None, "1"])
+def test_unknown_schema_version_is_refused(tmp_path, version):
+    d = _manifest().to_dict()
+    d["schema_version"] = version
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps(d))
+    with pytest.raises(ManifestError, match="schema_version"):
+        Manifest.load(path)
+
+
+def test_foreign_json_is_not_a_manifest(tmp_path):
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps({"hello": 1}))
+    with pytest.raises(ManifestError, match="not an invpt manifest"):
+        Manifest.load(path)
+
+
+def test_manifest_names_never_collide_across_kinds():
+    names = ["m.onnx", "m.fp16.onnx", "m.int8.onnx", "m.plan", "m.fp16.plan", "m.int8.plan", "m.engine"]
+    manifests = [manifest_path_for(n).name for n in names]
+    assert len(set(manifests)) == len(names), manifests
+    assert manifest_path_for("m.onnx").name == "m.json" and manifest_path_for("m.fp16.plan").name == "m.fp16.plan.json"
