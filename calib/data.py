@@ -2,13 +2,20 @@
 preprocessed exactly as the manifest says, and cached.
 
 Samples are split into a calibration set and a disjoint held-out set (parity is always measured on
-images the calibrator never saw). Held-out samples are images of real content: in ``pad`` mode an image much
+images the calibrator never saw).
+
+Geometry: each image is preprocessed as the manifest says, with one exception. When the manifest says ``pad``
+and the source is an image folder, an image list or a video (not a PASCAL-Context/NYUD-v2 root, whose official
+images fit the official input size), an image larger than the model input is *letterboxed* (scaled down to fit,
+aspect ratio kept, then padded exactly like ``pad``) instead of refused; images that fit are padded as before
+(letterbox equals pad for them). The provenance records the mode actually used (``preprocessing_mode``: ``pad``
+when no image needed scaling, else ``letterbox``) and how many images were scaled (``scaled_images``). Held-out samples are images of real content: in ``pad`` mode an image much
 smaller than the model input is mostly padding, so a held-out candidate with less than :data:`CONTENT_MIN` of
 the input covered by image content is replaced (seeded, deterministic) by one that has enough, and data whose
 calibration samples are mostly padding is refused.
 
 Prepared tensors are cached in one NPZ per entry, keyed by (source files and their size/mtime, preprocessing,
-sample list). The NPZ also holds a metadata record (key, sample ids, shapes, dtype, sha256 of each tensor), and
+the mode actually used, sample list). The NPZ also holds a metadata record (key, sample ids, shapes, dtype, sha256 of each tensor), and
 a hit is used only after all of it checks out; anything else is reported, removed and rebuilt. Entries are
 written to a temp file in the cache folder, fsynced and renamed into place, so a killed run never leaves a
 half-written entry; temp files of dead runs are removed by the next run that writes there.
@@ -26,11 +33,11 @@ import stat
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
-from invpt.data.datasets import ImageSource, VideoReader, open_source
+from invpt.data.datasets import ImageSource, SplitReader, VideoReader, open_source
 from invpt.data.transforms import content_fraction, content_fraction_for, preprocess
 from invpt.errors import InputError
 from invpt.manifest import Preprocessing
@@ -42,7 +49,7 @@ CACHE_ENV = "INVPT_CACHE_DIR"
 #: A sample whose image content covers less than this fraction of the model input is "mostly padding".
 CONTENT_MIN = 0.25
 #: Version of the cache entry layout (arrays ``calib``, ``holdout``, ``meta``); part of the cache key.
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 #: Temp files of cache writes older than this are removed even if their writer's pid looks alive.
 STALE_TMP_AGE_S = 3600.0
 
@@ -110,14 +117,50 @@ def _fingerprint(source: ImageSource, indices: list[int]) -> list:
 
 
 def cache_key(source_path: Path, fingerprint: list, prep: Preprocessing, n: int, holdout: int, seed: int,
-              split: str = "val") -> str:
-    """sha256 over everything the prepared tensors depend on."""
+              split: str = "val", mode: Optional[str] = None) -> str:
+    """sha256 over everything the prepared tensors depend on.
+
+    ``mode`` is the preprocessing mode actually used (see :func:`effective_mode`; default: the manifest's), so an
+    entry prepared with letterboxing never serves a request for padded tensors, or the other way round.
+    """
     blob = json.dumps(
         {"source": str(source_path.resolve()), "split": split, "files": fingerprint, "preprocessing": asdict(prep),
-         "n": n, "holdout": holdout, "seed": seed, "content_min": CONTENT_MIN, "version": CACHE_FORMAT},
+         "mode": mode if mode is not None else prep.mode, "n": n, "holdout": holdout, "seed": seed,
+         "content_min": CONTENT_MIN, "version": CACHE_FORMAT},
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def geometry_mode(source: ImageSource, prep: Preprocessing) -> str:
+    """The transform applied to each image of ``source``: the manifest's mode, except 'pad' -> 'letterbox' for
+    image folders, image lists and videos.
+
+    Letterbox equals pad for an image that fits the model input, and scales a larger one down to fit (aspect ratio
+    kept) instead of refusing it, so a folder of ordinary photos calibrates a 'pad' model. A PASCAL-Context/NYUD-v2
+    root keeps strict 'pad' (its official images fit; one that does not is refused, as the evaluation would).
+    """
+    if prep.mode == "pad" and not isinstance(source, SplitReader):
+        return "letterbox"
+    return prep.mode
+
+
+def _is_scaled(hw: list[int] | tuple[int, int], size: tuple[int, int], geometry: str) -> bool:
+    """Whether an image of size ``hw`` is rescaled by ``geometry`` (letterbox: larger than the input)."""
+    if geometry == "letterbox":
+        return hw[0] > size[0] or hw[1] > size[1]
+    if geometry == "resize":
+        return tuple(hw) != tuple(size)
+    return False
+
+
+def effective_mode(prep: Preprocessing, geometry: str, image_hws: list) -> str:
+    """The mode to record for images of sizes ``image_hws``: the manifest's mode, except that 'pad' applied as
+    letterbox (see :func:`geometry_mode`) is 'pad' when no image needed scaling and 'letterbox' otherwise."""
+    if prep.mode == "pad" and geometry == "letterbox":
+        size = (int(prep.size[0]), int(prep.size[1]))
+        return "letterbox" if any(_is_scaled(hw, size, geometry) for hw in image_hws) else "pad"
+    return prep.mode
 
 
 def _where(source: ImageSource, i: int, ids: list[str]) -> str:
@@ -127,16 +170,21 @@ def _where(source: ImageSource, i: int, ids: list[str]) -> str:
 
 
 def _too_large_fix(prep: Preprocessing) -> str:
-    """Advice for an image larger than the model input in 'pad' mode, naming what invpt-quantize users can change."""
+    """Advice for a dataset-root image larger than the model input in 'pad' mode, naming what invpt-quantize users
+    can change (image folders and videos are letterboxed instead, see :func:`geometry_mode`)."""
     H, W = prep.size
     return (
-        f"invpt-quantize uses the preprocessing recorded in the model's manifest ('pad' at {H}x{W}), so downscale "
-        f"the calibration images to at most {H}x{W}, or re-export the model with invpt-export --preprocess resize "
-        "(which stretches every image to the input size) and run invpt-quantize on that ONNX."
+        f"invpt-quantize uses the preprocessing recorded in the model's manifest ('pad' at {H}x{W}) and keeps it strict "
+        "for a PASCAL-Context/NYUD-v2 root, as the official evaluation does (the official images fit 512x512, so this "
+        "model's image_size is smaller than the dataset's images). Quantize a model exported with an image_size the "
+        "dataset's images fit, pass the image folder itself as --calib-data (images of a folder that do not fit are "
+        "letterboxed: scaled down to fit, aspect ratio kept, then padded), or re-export the model with invpt-export "
+        "--preprocess letterbox (the same for every source) or invpt-export --preprocess resize (which stretches every "
+        "image to the input size) and run invpt-quantize on that ONNX."
     )
 
 
-def _prepare(source: ImageSource, indices: list[int], prep: Preprocessing,
+def _prepare(source: ImageSource, indices: list[int], prep: Preprocessing, geometry: str,
              desc: str) -> tuple[np.ndarray, list[list[int]], list[float]]:
     """Preprocessed ``[n,3,H,W]`` float32 tensors, each sample's original ``[h, w]`` and its content fraction."""
     from tqdm import tqdm
@@ -149,7 +197,7 @@ def _prepare(source: ImageSource, indices: list[int], prep: Preprocessing,
     for k, i in enumerate(tqdm(indices, desc=desc, unit="img", disable=None)):
         where = _where(source, i, ids)
         img = source.load(i)
-        x, info = preprocess(img, prep.size, prep.mode, prep.mean, prep.std, source=where, fix=fix)
+        x, info = preprocess(img, prep.size, geometry, prep.mean, prep.std, source=where, fix=fix)
         if not np.isfinite(x).all():
             raise InputError(f"Calibration sample '{where}' contains NaN or Inf after preprocessing; remove or fix it.")
         out[k] = x
@@ -174,7 +222,7 @@ class _SizeProbe:
         return self.sizes[key]
 
 
-def _draw_holdout(source: ImageSource, drawn: list[int], taken: set[int], prep: Preprocessing,
+def _draw_holdout(source: ImageSource, drawn: list[int], taken: set[int], prep: Preprocessing, geometry: str,
                   seed: int) -> tuple[list[int], int]:
     """Replace held-out candidates that are mostly padding by images of real content (seeded, deterministic).
 
@@ -184,12 +232,12 @@ def _draw_holdout(source: ImageSource, drawn: list[int], taken: set[int], prep: 
     replaced; when the source has too few images of real content some low-content picks stay (the caller warns,
     or refuses if none is left with real content).
     """
-    if prep.mode != "pad" or not drawn:
+    if geometry not in ("pad", "letterbox") or not drawn:
         return list(drawn), 0
     probe = _SizeProbe(source)
 
     def real(i: int) -> bool:
-        return content_fraction_for(probe(i), prep.size, prep.mode) >= CONTENT_MIN
+        return content_fraction_for(probe(i), prep.size, geometry) >= CONTENT_MIN
 
     keep = [real(i) for i in drawn]
     if all(keep):
@@ -238,7 +286,7 @@ def _examples(source: ImageSource, picks: list[tuple[int, list[int], float]], id
     return ", ".join(shown) + more
 
 
-def _check_content(path: Path, source: ImageSource, prep: Preprocessing, calib_idx: list[int],
+def _check_content(path: Path, source: ImageSource, prep: Preprocessing, geometry: str, calib_idx: list[int],
                    calib_hw: list[list[int]], calib_frac: list[float], hold_idx: list[int],
                    hold_hw: list[list[int]], hold_frac: list[float], calibrating: bool = True) -> None:
     """Refuse calibration data that is mostly padding, or held-out data without real content; warn on some."""
@@ -248,15 +296,21 @@ def _check_content(path: Path, source: ImageSource, prep: Preprocessing, calib_i
     low_h = [(i, hw, f) for i, hw, f in zip(hold_idx, hold_hw, hold_frac) if f < CONTENT_MIN]
     pct = round(CONTENT_MIN * 100)
     min_hw = f"{math.ceil(H / 2)}x{math.ceil(W / 2)}"
-    geometry = (f"the model input is {H}x{W} and its manifest records '{prep.mode}' preprocessing, which centres each "
-                "image unscaled in a zero canvas")
+    if geometry == "letterbox":
+        how = ("which centres each image in a zero canvas and scales down only images larger than the input "
+               "(small images are never enlarged, and a very elongated image fills only a strip of it)")
+        if prep.mode == "pad":
+            how = "applied as letterbox to this source, " + how
+    else:
+        how = "which centres each image unscaled in a zero canvas"
+    setting = f"the model input is {H}x{W} and its manifest records '{prep.mode}' preprocessing, {how}"
     fix = (f"Calibrate on images of at least {min_hw} pixels (a folder of such images, a video, or a "
            "PASCAL-Context/NYUD-v2 root as --calib-data), or re-export the model with invpt-export --preprocess resize "
            "(which stretches every image to the input size) and run invpt-quantize on that ONNX.")
     if calibrating and len(low_c) * 2 > len(calib_idx):
         raise InputError(
             f"Calibration data '{path}' is mostly padding: {len(low_c)} of {len(calib_idx)} calibration samples have "
-            f"less than {pct}% image content, e.g. {_examples(source, low_c, ids)}; {geometry}. An INT8 model "
+            f"less than {pct}% image content, e.g. {_examples(source, low_c, ids)}; {setting}. An INT8 model "
             "calibrated on padding gets activation ranges for padding, passes a check on padding and is wrong on "
             f"real images. {fix}"
         )
@@ -264,7 +318,7 @@ def _check_content(path: Path, source: ImageSource, prep: Preprocessing, calib_i
         raise InputError(
             f"Calibration data '{path}' has no held-out image with real content: all {len(hold_idx)} held-out samples "
             f"have less than {pct}% image content, e.g. {_examples(source, low_h, ids)}, and no image outside the "
-            f"calibration set has more; {geometry}. A parity check on padding would pass a model that is wrong on "
+            f"calibration set has more; {setting}. A parity check on padding would pass a model that is wrong on "
             f"real images. {fix}"
         )
     if low_c:
@@ -308,8 +362,13 @@ def _is_fraction_list(v: object, n: int) -> bool:
 
 
 def _read_cache(file: Path, key: str, calib_ids: list[str], hold_ids: list[str],
-                size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Read and validate one entry; raises :class:`_InvalidCache` with the reason if anything is off."""
+                size: tuple[int, int], mode: Optional[str] = None,
+                mode_of: Optional[Callable[[list], str]] = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Read and validate one entry; raises :class:`_InvalidCache` with the reason if anything is off.
+
+    ``mode``: the preprocessing mode the entry must record (it is part of the key); ``mode_of``: maps the recorded
+    image sizes to the mode they imply, which must be the same.
+    """
     try:
         with np.load(file, allow_pickle=False) as z:
             missing = sorted({"calib", "holdout", "meta"} - set(z.files))
@@ -352,18 +411,26 @@ def _read_cache(file: Path, key: str, calib_ids: list[str], hold_ids: list[str],
             raise _InvalidCache(f"recorded {name} image sizes are malformed")
         if not _is_fraction_list(meta.get("content_fraction", {}).get(name), len(ids)):
             raise _InvalidCache(f"recorded {name} content fractions are malformed")
+    if mode is not None:
+        if meta.get("mode") != mode:
+            raise _InvalidCache(f"recorded preprocessing mode {meta.get('mode')!r}, expected {mode!r}")
+        if mode_of is not None:
+            implied = mode_of(meta["image_hw"]["calib"] + meta["image_hw"]["holdout"])
+            if implied != mode:
+                raise _InvalidCache(f"its recorded image sizes imply preprocessing mode {implied!r}, not {mode!r}")
     return calib, hold, meta
 
 
 def _load_cache(file: Path, key: str, calib_ids: list[str], hold_ids: list[str],
-                size: tuple[int, int]) -> Optional[tuple[np.ndarray, np.ndarray, dict]]:
+                size: tuple[int, int], mode: Optional[str] = None,
+                mode_of: Optional[Callable[[list], str]] = None) -> Optional[tuple[np.ndarray, np.ndarray, dict]]:
     """A validated hit, or None (no entry; or an invalid one, which is reported and removed)."""
     if not file.exists() and not file.is_symlink():
         return None
     try:
         if not file.is_file():
             raise _InvalidCache("it is not a regular file")
-        return _read_cache(file, key, calib_ids, hold_ids, size)
+        return _read_cache(file, key, calib_ids, hold_ids, size, mode, mode_of)
     except _InvalidCache as err:
         if file.is_dir():
             _logger.warning("calibration cache entry %s is invalid (%s); leaving it, rebuilding from the source",
@@ -477,10 +544,15 @@ def load_calibration_data(
     A cache entry is used only after its metadata (key, sample ids, shapes, dtype, finiteness, sha256 of each
     tensor) checks out; an invalid entry is reported as a warning, removed, and rebuilt from the source.
 
+    With a 'pad' manifest, an image folder or video is preprocessed as letterbox (see :func:`geometry_mode`):
+    images that fit are padded, larger ones are scaled down to fit; ``provenance['preprocessing_mode']`` is
+    ``'letterbox'`` when any image was scaled (else ``'pad'``) and ``provenance['scaled_images']`` counts them
+    per set.
+
     Raises:
-        InputError: missing/empty source, fewer images than asked, unreadable or non-finite samples, images larger
-            than the model input in 'pad' mode, calibration samples that are mostly padding (more than half under
-            :data:`CONTENT_MIN` content), or no held-out sample with real content.
+        InputError: missing/empty source, fewer images than asked, unreadable or non-finite samples, images of a
+            dataset root larger than the model input in 'pad' mode, calibration samples that are mostly padding
+            (more than half under :data:`CONTENT_MIN` content), or no held-out sample with real content.
     """
     path = Path(path)
     if not path.exists():
@@ -501,33 +573,56 @@ def load_calibration_data(
         )
     order = stratified_sample(source, need, seed)
     calib_idx = order[:num_samples]
-    hold_idx, redrawn = _draw_holdout(source, order[num_samples:], set(order), prep, seed)
+    geometry = geometry_mode(source, prep)
+    hold_idx, redrawn = _draw_holdout(source, order[num_samples:], set(order), prep, geometry, seed)
     fp = _fingerprint(source, calib_idx + hold_idx)
-    key = cache_key(path, fp, prep, num_samples, holdout, seed, split)
     ids = source.ids()
     calib_ids, hold_ids = [ids[i] for i in calib_idx], [ids[i] for i in hold_idx]
     size = (int(prep.size[0]), int(prep.size[1]))
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    cache_file = cache / f"calib-{key[:24]}.npz"
 
-    hit = _load_cache(cache_file, key, calib_ids, hold_ids, size)
+    def mode_of(image_hws: list) -> str:
+        return effective_mode(prep, geometry, image_hws)
+
+    def entry(mode: str) -> tuple[str, Path]:
+        k = cache_key(path, fp, prep, num_samples, holdout, seed, split, mode=mode)
+        return k, cache / f"calib-{k[:24]}.npz"
+
+    # The mode actually used is part of the key, but for 'pad' applied as letterbox it depends on the image sizes,
+    # known only after decoding: look up both candidates (at most one can match these files), each validated.
+    candidates = ["pad", "letterbox"] if (prep.mode == "pad" and geometry == "letterbox") else [prep.mode]
+    hit = None
+    for mode in candidates:
+        key, cache_file = entry(mode)
+        hit = _load_cache(cache_file, key, calib_ids, hold_ids, size, mode, mode_of)
+        if hit is not None:
+            break
     if hit is not None:
         calib, hold, meta = hit
         hws, fracs = meta["image_hw"], meta["content_fraction"]
+        used = meta["mode"]
         _logger.info("calibration cache hit: %s", cache_file)
     else:
-        calib, c_hw, c_frac = _prepare(source, calib_idx, prep, "calib")
+        calib, c_hw, c_frac = _prepare(source, calib_idx, prep, geometry, "calib")
         if hold_idx:
-            hold, h_hw, h_frac = _prepare(source, hold_idx, prep, "holdout")
+            hold, h_hw, h_frac = _prepare(source, hold_idx, prep, geometry, "holdout")
         else:
             hold, h_hw, h_frac = np.empty((0, 3, *size), np.float32), [], []
         hws, fracs = {"calib": c_hw, "holdout": h_hw}, {"calib": c_frac, "holdout": h_frac}
+        used = mode_of(c_hw + h_hw)
+        key, cache_file = entry(used)
         meta = None
-    _check_content(path, source, prep, calib_idx, hws["calib"], fracs["calib"], hold_idx, hws["holdout"],
+    scaled = {name: sum(_is_scaled(hw, size, geometry) for hw in hws[name]) for name in ("calib", "holdout")}
+    if prep.mode == "pad" and used == "letterbox":
+        _logger.info(
+            "%d calibration and %d held-out image(s) of '%s' are larger than the %dx%d model input; they were "
+            "letterboxed (scaled down to fit, aspect ratio kept, then padded) instead of refused, the others padded "
+            "as the manifest's 'pad' says", scaled["calib"], scaled["holdout"], path, *size)
+    _check_content(path, source, prep, geometry, calib_idx, hws["calib"], fracs["calib"], hold_idx, hws["holdout"],
                    fracs["holdout"], calibrating)
     if meta is None:
         meta = {
-            "format": CACHE_FORMAT, "key": key, "calib_ids": calib_ids, "holdout_ids": hold_ids,
+            "format": CACHE_FORMAT, "key": key, "mode": used, "calib_ids": calib_ids, "holdout_ids": hold_ids,
             "shapes": {"calib": list(calib.shape), "holdout": list(hold.shape)}, "dtype": "float32",
             "sha256": {"calib": _tensor_sha256(calib), "holdout": _tensor_sha256(hold)},
             "image_hw": hws, "content_fraction": fracs,
@@ -546,6 +641,8 @@ def load_calibration_data(
         "content_fraction": {"calib": _summary(fracs["calib"]), "holdout": _summary(fracs["holdout"]),
                              "threshold": CONTENT_MIN},
         "holdout_redrawn": redrawn,
+        "preprocessing_mode": used,
+        "scaled_images": scaled,
         "cache_key": key,
     }
     return CalibrationData(calib, hold, calib_ids, hold_ids, provenance, cache_hit=hit is not None)

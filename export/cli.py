@@ -60,9 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--simplify", action="store_true",
                    help="run onnxslim and keep its graph if it has fewer nodes (off by default: on dynamo graphs it "
                    "rarely helps; on ViT-L it took 78 s and grew the graph)")
-    g.add_argument("--preprocess", choices=("pad", "resize"), default="pad",
-                   help="preprocessing recorded in the manifest: pad (official evaluation, centred zero pad) or "
-                   "resize (official inference.py stretch)")
+    g.add_argument("--preprocess", choices=("pad", "resize", "letterbox"), default="pad",
+                   help="preprocessing recorded in the manifest: pad (official evaluation, centred zero pad; images "
+                   "must fit the input size), resize (official inference.py stretch, aspect ratio not kept) or "
+                   "letterbox (pad, but images larger than the input are first scaled down to fit, aspect ratio "
+                   "kept). Default pad")
     v = p.add_argument_group("Verification")
     v.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime vs PyTorch parity check")
     add_logging_args(p)

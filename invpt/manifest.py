@@ -47,7 +47,7 @@ class Preprocessing:
     """How an RGB uint8 image becomes the ``image`` input: x/255, (x-mean)/std, then pad or resize to size."""
 
     size: tuple[int, int]
-    mode: str = "pad"  # pad: centred zero pad (official eval); resize: stretch (official inference.py)
+    mode: str = "pad"  # pad: centred zero pad (official eval); resize: stretch (inference.py); letterbox: shrink to fit, pad
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     color: str = "RGB"

@@ -520,15 +520,174 @@ def test_provenance_records_content_of_both_sets(tmp_path):
     json.dumps(data.provenance)  # goes into the manifest as is
 
 
-def test_image_larger_than_input_names_quantize_fix(tmp_path):
-    src = _folder(tmp_path / "src", {f"a/img{i}": (40, 40) for i in range(5)})
-    _write(src / "a", "huge.png", 80, 70, seed=9)
+def _pascal_root(db: Path, sizes: dict[str, tuple[int, int]]) -> Path:
+    """A PASCAL-Context root (official layout) with images of the given (h, w), split 'val'."""
+    root = db / "PASCALContext"
+    for k, (sid, (h, w)) in enumerate(sorted(sizes.items())):
+        _write(root / "JPEGImages", f"{sid}.jpg", h, w, seed=k)
+    (root / "ImageSets" / "Context").mkdir(parents=True)
+    (root / "ImageSets" / "Context" / "val.txt").write_text("\n".join(sorted(sizes)) + "\n")
+    return root
+
+
+def test_dataset_root_image_larger_than_input_is_still_refused(tmp_path):
+    """A PASCAL-Context root keeps strict 'pad' (its official images fit): a too-large image is refused, naming
+    the fixes an invpt-quantize user has, and nothing is cached."""
+    sizes = {f"2008_{i:06d}": (40, 40) for i in range(5)}
+    sizes["2009_000099"] = (80, 70)
+    root = _pascal_root(tmp_path / "db", sizes)
+    before = _tree_digest(root)
     with pytest.raises(InputError) as exc:
-        _load(src, tmp_path / "c", n=5, m=1)
+        _load(root, tmp_path / "c", n=5, m=1)
     msg = str(exc.value)
-    assert "huge.png" in msg and "80x70" in msg and "never crops" in msg
-    assert "invpt-export --preprocess resize" in msg and "at most 64x64" in msg
-    assert "Use 'resize' mode" not in msg and "invpt-infer" not in msg
+    assert exc.value.exit_code == 2 and "2009_000099.jpg" in msg and "80x70" in msg and "never crops" in msg
+    assert "('pad' at 64x64)" in msg and "--calib-data" in msg and "invpt-export --preprocess letterbox" in msg
+    assert "invpt-export --preprocess resize" in msg
+    assert "invpt-infer" not in msg and "\n" not in msg
+    assert _tree_digest(root) == before
+    assert not (tmp_path / "c").exists() or _entries(tmp_path / "c") == []
+
+
+def test_dataset_root_that_fits_behaves_as_pad(tmp_path):
+    root = _pascal_root(tmp_path / "db", {f"2008_{i:06d}": (40, 48) for i in range(6)})
+    data = _load(root, tmp_path / "c", n=4, m=2)
+    assert data.provenance["preprocessing_mode"] == "pad"
+    assert data.provenance["scaled_images"] == {"calib": 0, "holdout": 0}
+    assert data.provenance["source_kind"] == "PascalContextReader"
+
+
+def _photos(folder: Path, count: int, min_side: int = 80) -> dict[str, tuple[int, int]]:
+    """Crops of the repository's photos (assets/*.jpg), upscaled so every one is larger than the 64x64 input.
+
+    Returns id -> (h, w) of the written image."""
+    photos = sorted((REPO / "assets").glob("*.jpg"))
+    assert photos, "assets/*.jpg are part of the repository"
+    rng = np.random.default_rng(11)
+    folder.mkdir(parents=True, exist_ok=True)
+    sizes = {}
+    for k in range(count):
+        img = cv2.imread(str(photos[k % len(photos)]), cv2.IMREAD_COLOR)
+        ch, cw = int(rng.integers(60, 140)), int(rng.integers(60, 140))
+        y, x = int(rng.integers(0, img.shape[0] - ch)), int(rng.integers(0, img.shape[1] - cw))
+        crop = img[y : y + ch, x : x + cw]
+        f = max(min_side / min(ch, cw), 1.0) * float(rng.uniform(1.1, 2.0))
+        big = cv2.resize(crop, (round(cw * f), round(ch * f)), interpolation=cv2.INTER_CUBIC)
+        assert big.shape[0] > 64 and big.shape[1] > 64
+        assert cv2.imwrite(str(folder / f"photo{k:02d}.jpg"), big)
+        sizes[f"photo{k:02d}"] = big.shape[:2]
+    return sizes
+
+
+def test_folder_of_large_photos_is_letterboxed_in_pad_mode(tmp_path):
+    """The issue: --calib-data pointed at ordinary photos larger than the model input, with a 'pad' manifest.
+    Every image is letterboxed (scaled down to fit, aspect kept, centred), not refused; provenance says so."""
+    from invpt.data.transforms import preprocess, read_image
+
+    src = tmp_path / "photos"
+    sizes = _photos(src, 9)
+    before = _tree_digest(src)
+    data = _load(src, tmp_path / "c", n=6, m=3)
+    assert data.calib.shape == (6, 3, 64, 64) and data.holdout.shape == (3, 3, 64, 64)
+    prov = data.provenance
+    assert prov["preprocessing_mode"] == "letterbox" and prov["scaled_images"] == {"calib": 6, "holdout": 3}
+    # each tensor is exactly the letterboxed image (the manifest's normalisation, then scale down and pad)
+    for ids, arr in ((data.calib_ids, data.calib), (data.holdout_ids, data.holdout)):
+        for sid, x in zip(ids, arr):
+            ref, info = preprocess(read_image(src / f"{sid}.jpg"), (64, 64), "letterbox")
+            assert info.scaled and info.original_hw == tuple(sizes[sid])
+            np.testing.assert_array_equal(x, ref)
+    # content fractions are those of the scaled images (the letterbox geometry), not 'pad''s capped 1.0
+    expected = []
+    for sid in data.calib_ids:
+        h, w = sizes[sid]
+        s = min(64 / h, 64 / w)
+        expected.append(min(64, round(h * s)) * min(64, round(w * s)) / 64 ** 2)
+    got = prov["content_fraction"]["calib"]
+    assert got["min"] == pytest.approx(min(expected), abs=0.02) and got["mean"] == pytest.approx(np.mean(expected), abs=0.02)
+    assert got["min"] < 1.0  # the crops are not all square
+    assert _tree_digest(src) == before  # inputs untouched
+    # a second run is a validated cache hit with the same provenance
+    again = _load(src, tmp_path / "c", n=6, m=3)
+    assert again.cache_hit
+    _assert_same(data, again)
+
+
+def test_mixed_folder_pads_images_that_fit_and_counts_the_scaled_ones(tmp_path):
+    from invpt.data.transforms import preprocess, read_image
+
+    sizes = {f"a/fit{i:02d}": (48, 40) for i in range(5)}
+    sizes.update({f"b/big{i:02d}": (90, 130) for i in range(5)})
+    src = _folder(tmp_path / "src", sizes)
+    data = _load(src, tmp_path / "c", n=6, m=2)
+    ids = data.calib_ids + data.holdout_ids
+    assert data.provenance["preprocessing_mode"] == "letterbox"
+    assert data.provenance["scaled_images"] == {
+        "calib": sum(i.startswith("b/") for i in data.calib_ids),
+        "holdout": sum(i.startswith("b/") for i in data.holdout_ids)}
+    assert any(i.startswith("a/") for i in ids) and any(i.startswith("b/") for i in ids)
+    for sid, x in zip(ids, np.concatenate([data.calib, data.holdout])):
+        img = read_image(src / f"{sid}.png")
+        if sid.startswith("a/"):  # fits: exactly what 'pad' gives
+            np.testing.assert_array_equal(x, preprocess(img, (64, 64), "pad")[0])
+        else:
+            np.testing.assert_array_equal(x, preprocess(img, (64, 64), "letterbox")[0])
+
+
+def test_folder_that_fits_records_pad(src, tmp_path):
+    data = _load(src, tmp_path / "c")
+    assert data.provenance["preprocessing_mode"] == "pad"
+    assert data.provenance["scaled_images"] == {"calib": 0, "holdout": 0}
+
+
+def test_letterbox_manifest_records_letterbox(src, tmp_path):
+    prep = Preprocessing(size=(64, 64), mode="letterbox")
+    data = _load(src, tmp_path / "c", prep=prep)
+    assert data.provenance["preprocessing_mode"] == "letterbox"
+    # the same images fit, so the tensors equal the 'pad' manifest's; the cache entries stay separate
+    padded = _load(src, tmp_path / "c")
+    np.testing.assert_array_equal(data.calib, padded.calib)
+    assert not padded.cache_hit and padded.provenance["cache_key"] != data.provenance["cache_key"]
+    assert len(_entries(tmp_path / "c")) == 2
+
+
+def test_cache_key_includes_the_mode_used(tmp_path):
+    from invpt.calib.data import cache_key
+
+    args = (tmp_path, [["x", "x.png", 1, 2]], PREP, 4, 2, 0, "val")
+    keys = {m: cache_key(*args, mode=m) for m in ("pad", "letterbox", "resize")}
+    assert len(set(keys.values())) == 3
+    assert cache_key(*args) == keys["pad"]  # default: the manifest's mode
+
+
+def test_letterboxed_and_padded_entries_never_mix(tmp_path, caplog):
+    """The same ids under the same names, first all fitting (pad), then replaced by large images (letterbox): two
+    entries under two keys; an entry whose record claims the other mode is refused and rebuilt."""
+    src = _folder(tmp_path / "src", {f"a/img{i:02d}": (40, 48) for i in range(6)})
+    first = _load(src, tmp_path / "c", n=4, m=2)
+    assert first.provenance["preprocessing_mode"] == "pad"
+    for i in range(6):  # same names, now larger than the input (new size and mtime)
+        _write(src / "a", f"img{i:02d}.png", 100, 80, seed=50 + i)
+    os.utime(src / "a" / "img00.png", ns=(time.time_ns() + 10**9,) * 2)
+    second = _load(src, tmp_path / "c", n=4, m=2)
+    assert not second.cache_hit and second.provenance["preprocessing_mode"] == "letterbox"
+    assert second.provenance["cache_key"] != first.provenance["cache_key"]
+    assert len(_entries(tmp_path / "c")) == 2
+    # forge the letterbox entry's record to claim 'pad': refused (reported, removed) and rebuilt
+    entry = tmp_path / "c" / f"calib-{second.provenance['cache_key'][:24]}.npz"
+    _consistent(entry, second.calib, second.holdout, mode="pad")
+    with caplog.at_level(logging.WARNING, logger="invpt.calib.data"):
+        third = _load(src, tmp_path / "c", n=4, m=2)
+    assert not third.cache_hit and any("recorded preprocessing mode 'pad'" in r.getMessage() for r in caplog.records)
+    _assert_same(second, third)
+    assert _load(src, tmp_path / "c", n=4, m=2).cache_hit
+
+
+def test_video_with_large_frames_is_letterboxed(tmp_path):
+    big = _video(tmp_path / "big.avi", 96, 128)
+    data = _load(big, tmp_path / "c", n=6, m=2)
+    assert data.provenance["preprocessing_mode"] == "letterbox"
+    assert data.provenance["scaled_images"] == {"calib": 6, "holdout": 2}
+    assert data.provenance["content_fraction"]["calib"]["min"] == pytest.approx(48 * 64 / 64 ** 2)
 
 
 @pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
@@ -571,6 +730,27 @@ def test_quantize_cli_refuses_padding_calibration(tiny_onnx, tmp_path, capsys):
     assert _tree_digest(src) == before and _tree_digest(model_dir) == model_before
     assert not out.exists() and not out.parent.exists()
     assert not (tmp_path / "c").exists() or _entries(tmp_path / "c") == []
+
+
+def test_quantize_cli_calibrates_on_large_photos_of_a_pad_model(tiny_onnx, tmp_path, capsys):
+    """The issue end to end: invpt-quantize --calib-data on a folder of photos larger than the 128x128 'pad' model
+    succeeds, and the INT8 manifest records that the images were letterboxed and how many."""
+    from invpt.calib.cli import main
+    from invpt.manifest import load_manifest_for
+
+    src = tmp_path / "photos"
+    _photos(src, 6, min_side=140)
+    before = _tree_digest(src)
+    out = tmp_path / "out" / "m.int8.onnx"
+    code = main(["--onnx", str(tiny_onnx.onnx_path), "--precision", "int8", "--calib-data", str(src),
+                 "--calib-samples", "4", "--holdout-samples", "2", "--calib-method", "max", "--cache-dir",
+                 str(tmp_path / "c"), "--out", str(out), "--no-verify", "-q"])
+    assert code == 0, capsys.readouterr().err
+    man = load_manifest_for(out)
+    assert man.preprocessing.mode == "pad"  # the model's preprocessing is unchanged
+    assert man.calibration["preprocessing_mode"] == "letterbox"
+    assert man.calibration["scaled_images"] == {"calib": 4, "holdout": 2}
+    assert _tree_digest(src) == before
 
 
 def _video(path: Path, h: int, w: int, frames: int = 20) -> Path:

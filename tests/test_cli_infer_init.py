@@ -225,6 +225,75 @@ def test_help_documents_skipping_and_exit_codes(capsys):
     assert "skipped with a warning" in text and "exit code 2" in text
 
 
+
+# ---- --mode letterbox -----------------------------------------------------------------------------------------
+
+def test_letterbox_writes_outputs_at_the_original_size(tiny_pascal_official_ckpt, tiny_pascal, tmp_path, capsys):
+    """Images larger than the 128x128 model (which --mode pad skips) are letterboxed; every output, raw ones
+    included, is at the image's own size, and the raw maps are the model's letterboxed outputs restored."""
+    from invpt.data.transforms import preprocess, read_image, restore_geometry
+
+    src = tmp_path / "in"
+    _write_image(src / "wide.png", 60, h=150, w=300)
+    _write_image(src / "tall.jpg", 140, h=260, w=90)
+    before = _tree(src)
+    out = tmp_path / "o"
+    assert infer_main(["--ckpt", str(tiny_pascal_official_ckpt), str(src), "--out", str(out), "--mode", "letterbox",
+                       "--save-raw"]) == 0
+    _assert_complete(out / "wide", (150, 300), raw=True)
+    _assert_complete(out / "tall", (260, 90), raw=True)
+    assert _tree(src) == before
+    # the raw semseg map is the model's output on the letterboxed input, mapped back (crop, then bilinear)
+    x, info = preprocess(read_image(src / "wide.png"), tiny_pascal.cfg.image_size, "letterbox")
+    assert info.scaled and info.resized_hw == (64, 128)
+    tiny = invpt.load_model(tiny_pascal_official_ckpt)
+    with torch.no_grad():
+        raw = tiny(torch.from_numpy(x)[None], tasks=["semseg"])["semseg"][0].numpy()
+    np.testing.assert_allclose(np.load(out / "wide" / "semseg.npy"), restore_geometry(raw, info), atol=1e-4)
+    ids = cv2.imread(str(out / "wide" / "semseg_ids.png"), cv2.IMREAD_UNCHANGED)
+    np.testing.assert_array_equal(ids, restore_geometry(raw, info).argmax(axis=0))
+
+    # the same images in pad mode are skipped (too large) with advice naming letterbox
+    capsys.readouterr()
+    assert infer_main(["--ckpt", str(tiny_pascal_official_ckpt), str(src / "wide.png"), "--out",
+                       str(tmp_path / "p"), "--mode", "pad"]) == 2
+    err = capsys.readouterr().err
+    assert "--mode letterbox" in err and "never crops" in err
+    assert not (tmp_path / "p" / "wide").exists()
+
+
+def test_letterbox_equals_pad_for_an_image_that_fits(tiny_pascal_official_ckpt, tmp_path):
+    img = _write_image(tmp_path / "in" / "x.png", 90, h=100, w=70)
+    outs = {}
+    for mode in ("pad", "letterbox"):
+        assert infer_main(["--ckpt", str(tiny_pascal_official_ckpt), str(img), "--out", str(tmp_path / mode),
+                           "--mode", mode, "--save-raw", "--tasks", "semseg,normals"]) == 0
+        outs[mode] = _tree(tmp_path / mode)
+    assert outs["pad"].keys() == outs["letterbox"].keys() and outs["pad"]
+    for name in outs["pad"]:
+        if name.endswith(".npy"):
+            np.testing.assert_array_equal(np.load(tmp_path / "pad" / name), np.load(tmp_path / "letterbox" / name))
+        else:
+            assert outs["pad"][name] == outs["letterbox"][name], name
+
+
+def test_help_explains_when_to_choose_each_mode(capsys):
+    with pytest.raises(SystemExit):
+        infer_main(["--help"])
+    text = capsys.readouterr().out
+    assert "{resize,pad,letterbox}" in text and "Choosing --mode" in text
+    for mode in ("resize", "pad", "letterbox"):
+        assert f"\n  {mode} " in text, mode
+
+
+def test_unknown_mode_is_refused(no_load, tiny_pascal_official_ckpt, tmp_path, capsys):
+    _write_image(tmp_path / "in" / "x.png", 1)
+    with pytest.raises(SystemExit) as exc:
+        infer_main(["--ckpt", str(tiny_pascal_official_ckpt), str(tmp_path / "in"), "--out", str(tmp_path / "o"),
+                    "--mode", "fit"])
+    assert exc.value.code == 2 and "letterbox" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
 # ---- invpt-init -----------------------------------------------------------------------------------------------
 
 def test_init_writes_a_loadable_checkpoint_with_the_normal_mode(tmp_path):

@@ -18,6 +18,7 @@ _logger = logging.getLogger("invpt.infer")
 EXAMPLES = """examples:
   invpt-infer --ckpt InvPT_pascal_vitLp16.pth.tar photos/ --out preds/
   invpt-infer --ckpt nyud.pth --mode pad room.png --out preds/ --device cuda
+  invpt-infer --ckpt pascal.pth --mode letterbox photos/ --out preds/     # any size, aspect ratio kept
   invpt-infer --config tiny_pascal --random-init assets/ --out demo/     # pipeline smoke test, meaningless maps
 
 For each image, DIR/<image id>/ gets <task>.png (colour visual), <task>_ids.png (class ids, label tasks),
@@ -28,6 +29,17 @@ Image ids: for one folder, the image's path relative to it without extension (ph
 extension is kept only where two files differ by it alone: x.jpg, x.png); for one file, its stem; with several
 inputs, a folder's ids start with the folder's name (photos/a/x; a second folder also named photos becomes
 photos-2/...) and a file's id is its stem.
+
+Choosing --mode (the image is always normalised first; every output is mapped back to the image's own size):
+  resize     stretch every image to the model size and back (the official inference.py). Any image size; the
+             aspect ratio is not kept, so non-square images are seen distorted. The default.
+  pad        centre the image unscaled in a zero (mean-colour) canvas, as the official evaluation does. Choose it
+             to reproduce the published numbers on PASCAL-Context/NYUD-v2 (whose images fit the model size);
+             an image larger than the model size is skipped.
+  letterbox  pad for images that fit (identical results); a larger image is first scaled down to fit, keeping
+             its aspect ratio (INTER_AREA), then padded. Choose it for ordinary photos and video frames of any
+             size with undistorted geometry; it is what pad-exported models get from invpt-quantize for image
+             folders and videos.
 
 Checks before anything is loaded: every input exists, --out is a writable folder that is not an input and not
 inside an input folder, --device is usable here, --tasks is well-formed. An image that cannot be read or decoded
@@ -56,9 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("Inference")
     g.add_argument("--out", required=True,
                    help="output folder (created if needed; must not be an input or lie inside an input folder)")
-    g.add_argument("--mode", choices=("resize", "pad"), default="resize",
+    g.add_argument("--mode", choices=("resize", "pad", "letterbox"), default="resize",
                    help="resize: stretch to the model size and back (official inference.py, any image size); pad: "
-                   "centred zero pad as in official evaluation (images must not exceed the model size)")
+                   "centred zero pad as in official evaluation (images must not exceed the model size); letterbox: "
+                   "pad, but an image larger than the model size is first scaled down to fit keeping its aspect "
+                   "ratio (any image size). Default resize; see 'Choosing --mode' below")
     g.add_argument("--tasks", default=None, help="comma-separated subset of tasks (default: all)")
     g.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
     g.add_argument("--save-raw", action="store_true", help="also save raw outputs at image size as <task>.npy")

@@ -1,6 +1,7 @@
 """Data handling shared by inference, export verification and calibration.
 
-- :mod:`invpt.data.transforms`: the official pre-processing (normalise, then pad or resize) and its inverse.
+- :mod:`invpt.data.transforms`: the official pre-processing (normalise, then pad, resize or letterbox) and its
+  inverse.
 - :mod:`invpt.data.decode`: raw outputs to per-task maps (numpy only, for torch, ORT and TensorRT alike).
 - :mod:`invpt.data.visualize`: colour visuals, the side-by-side overview and atomic PNG writing.
 - :mod:`invpt.data.datasets`: the official split readers, image folders and videos behind one interface.
@@ -30,10 +31,15 @@ from invpt.data.decode import (
     stable_softmax,
 )
 from invpt.data.transforms import (
+    GEOMETRY_MODES,
     IMAGE_EXTENSIONS,
     IMAGENET_MEAN,
     IMAGENET_STD,
     PadInfo,
+    content_fraction,
+    content_fraction_for,
+    letterbox_hw,
+    letterbox_to,
     normalize,
     pad_to,
     preprocess,
@@ -54,6 +60,7 @@ from invpt.data.visualize import (
 )
 
 __all__ = [
+    "GEOMETRY_MODES",
     "IMAGE_EXTENSIONS",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -70,6 +77,8 @@ __all__ = [
     "colorize_labels",
     "colorize_normals",
     "colorize_probability",
+    "content_fraction",
+    "content_fraction_for",
     "decode",
     "decode_all",
     "decode_boundary",
@@ -77,6 +86,8 @@ __all__ = [
     "decode_labels",
     "decode_normals",
     "decode_saliency",
+    "letterbox_hw",
+    "letterbox_to",
     "normalize",
     "normals_to_uint8",
     "open_source",

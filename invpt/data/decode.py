@@ -1,4 +1,5 @@
-"""Decoding of raw InvPT outputs into meaningful per-task maps (spec §11), in numpy only.
+"""Decoding of raw InvPT outputs into meaningful per-task maps (spec §11), in numpy only (restoring the
+original geometry with ``info=`` uses OpenCV's resize).
 
 The same functions decode torch, ONNX Runtime and TensorRT outputs, so parity checks compare like with like.
 Input is one image's raw output ``[C, H, W]`` or a batch ``[B, C, H, W]``. What each task kind returns
@@ -14,18 +15,27 @@ normals    L2 normalise over channels (eps 1e-12, F.normalize)  ``[3, H, W]`` fl
 depth      clamp at 0 (metres, no other scaling)                ``[H, W]`` float32
 =========  ==================================================  ===========================
 
+Outputs are at the network input size. To get maps at the original image size, pass the ``PadInfo`` that
+:func:`invpt.data.transforms.preprocess` returned as ``info=``: the raw output is first mapped back with
+:func:`~invpt.data.transforms.restore_geometry` (crop for ``pad``; bilinear for ``resize``; crop then bilinear for
+a scaled ``letterbox``) and then decoded, as the official ``inference.py`` does (logits are interpolated, never
+class ids; normals are re-normalised after interpolation, depth is clamped after it).
+
 The official code multiplies saliency/boundary by 255 and encodes normals as ``(n + 1) * 255 / 2``; those
 encodings are available as :func:`probability_to_uint8` and :func:`normals_to_uint8` for saving PNGs.
 """
 from __future__ import annotations
 
 import logging
-from typing import Iterable, Mapping
+from typing import TYPE_CHECKING, Iterable, Mapping, Optional
 
 import numpy as np
 
 from invpt.errors import ConfigError
 from invpt.tasks import DatasetSpec, TaskSpec, get_dataset
+
+if TYPE_CHECKING:
+    from invpt.data.transforms import PadInfo
 
 logger = logging.getLogger(__name__)
 
@@ -100,11 +110,33 @@ _DECODERS = {
 }
 
 
-def decode(task: TaskSpec, raw: np.ndarray) -> np.ndarray:
+def _restore(task: TaskSpec, raw: np.ndarray, info: PadInfo) -> np.ndarray:
+    """One image's raw output mapped back to its original size (see :func:`restore_geometry`)."""
+    from invpt.data.transforms import restore_geometry  # OpenCV; decoding alone stays numpy only
+    if raw.ndim == 4:
+        if raw.shape[0] != 1:
+            raise ConfigError(
+                f"Raw output for task '{task.name}' is a batch of {raw.shape[0]} (shape {raw.shape}) but one PadInfo "
+                "was given; images of a batch can have different original sizes. Decode each image on its own: "
+                "decode(task, raw[i], info=infos[i])."
+            )
+        return restore_geometry(raw[0], info)[None]
+    return restore_geometry(raw, info)
+
+
+def decode(task: TaskSpec, raw: np.ndarray, info: Optional[PadInfo] = None) -> np.ndarray:
     """Decode one task's raw output (``[C,H,W]`` or ``[B,C,H,W]``) according to ``task.kind`` (spec §11).
 
+    Args:
+        task: the task's spec.
+        raw: the raw output at the network input size.
+        info: the image's ``PadInfo`` from :func:`invpt.data.transforms.preprocess`; when given, the raw output is
+            restored to the original image size first (one image: ``[C,H,W]`` or ``[1,C,H,W]``), so the result
+            has the original geometry.
+
     Raises:
-        ConfigError: the shape or channel count does not match ``task``, or the kind is unknown.
+        ConfigError: the shape or channel count does not match ``task``, the kind is unknown, or ``info`` does not
+            fit the output (another input size, or a batch of more than one image).
     """
     raw = _check_raw(task, raw)
     try:
@@ -113,6 +145,8 @@ def decode(task: TaskSpec, raw: np.ndarray) -> np.ndarray:
         raise ConfigError(
             f"Task '{task.name}' has unknown kind '{task.kind}'; known kinds: {', '.join(_DECODERS)}."
         ) from None
+    if info is not None:
+        raw = _restore(task, raw, info)
     return fn(raw)
 
 
@@ -131,6 +165,7 @@ def decode_all(
     outputs: Mapping[str, np.ndarray],
     *,
     require_all: bool = False,
+    info: Optional[PadInfo] = None,
 ) -> dict[str, np.ndarray]:
     """Decode every task output in ``outputs`` (``task name -> raw array``), keeping the spec's task order.
 
@@ -139,6 +174,8 @@ def decode_all(
         outputs: raw outputs keyed by task name (the ONNX/TensorRT output names are the task names).
         require_all: if true, every task of ``specs`` must be present; otherwise a model exported for a subset
             of the tasks is fine.
+        info: the image's ``PadInfo``; when given, every output is restored to the original image size before
+            decoding (see :func:`decode`).
 
     Raises:
         ConfigError: an output name is not a task of ``specs``, a required task is missing, or a shape is wrong.
@@ -156,7 +193,7 @@ def decode_all(
             f"Outputs for tasks {missing} are missing (got: {', '.join(outputs) or 'none'}); the model was exported "
             "for a subset of the tasks. Re-export with all tasks or decode with require_all=False."
         )
-    return {name: decode(task, outputs[name]) for name, task in tasks.items() if name in outputs}
+    return {name: decode(task, outputs[name], info) for name, task in tasks.items() if name in outputs}
 
 
 def probability_to_uint8(prob: np.ndarray) -> np.ndarray:

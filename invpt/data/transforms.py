@@ -1,14 +1,23 @@
 """The official InvPT input pipeline, shared by inference, export verification and calibration.
 
 Spec §10: the image is normalised first (``/255`` then ImageNet mean/std) and only then brought to the
-network's fixed input size, either by a centred zero pad that never crops (the evaluation pipeline, ``pad``) or
-by a bilinear resize that ignores the aspect ratio (the official ``inference.py``, ``resize``). Zero fill after
-normalisation equals the mean colour. :class:`PadInfo` records the geometry so that outputs can be mapped back
-to the original image with :func:`restore_geometry` (float maps) or :func:`restore_labels` (integer maps).
+network's fixed input size, by one of three geometry modes:
+
+- ``pad``: a centred zero pad that never crops and never scales (the official evaluation pipeline); an image
+  larger than the input is refused.
+- ``resize``: a bilinear resize to the input size that ignores the aspect ratio (the official ``inference.py``).
+- ``letterbox``: ``pad`` for images that fit; a larger image is first scaled down (``INTER_AREA``, by
+  ``min(H/h, W/w)``, aspect ratio kept, never upscaled) and then padded like ``pad``. So it accepts any image and
+  equals ``pad`` exactly wherever ``pad`` works.
+
+Zero fill after normalisation equals the mean colour (the official pad value). :class:`PadInfo` records the
+geometry so that outputs can be mapped back to the original image with :func:`restore_geometry` (float maps:
+logits, probabilities, depth, normals; bilinear) or :func:`restore_labels` (integer maps; nearest).
 """
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Sequence
@@ -26,7 +35,10 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 #: File extensions :func:`read_image` is documented to accept (anything OpenCV decodes works).
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp")
 
-GeometryMode = Literal["pad", "resize"]
+GeometryMode = Literal["pad", "resize", "letterbox"]
+
+#: Every geometry mode :func:`preprocess` accepts.
+GEOMETRY_MODES: tuple[str, ...] = ("pad", "resize", "letterbox")
 
 
 @dataclass(frozen=True)
@@ -34,13 +46,17 @@ class PadInfo:
     """How one image was brought to the network input size, so outputs can be mapped back.
 
     Attributes:
-        mode: ``'pad'`` (centred zero pad, no scaling) or ``'resize'`` (bilinear, aspect ratio not kept).
+        mode: ``'pad'`` (centred zero pad, no scaling), ``'resize'`` (bilinear, aspect ratio not kept) or
+            ``'letterbox'`` (scaled down to fit if needed, aspect ratio kept, then centred zero pad).
         original_hw: the image size before pre-processing.
         size_hw: the network input size (the padded canvas or the resize target).
         top: rows of padding above the image content (0 for ``'resize'``).
         left: columns of padding left of the image content (0 for ``'resize'``).
-        resized_hw: the size of the image content inside the canvas (``original_hw`` for ``'pad'``,
-            ``size_hw`` for ``'resize'``).
+        resized_hw: the size of the image content inside the canvas (``original_hw`` for ``'pad'`` and for a
+            ``'letterbox'`` image that fit, ``size_hw`` for ``'resize'``).
+        scale: the factor the image content was scaled by: ``min(H/h, W/w, 1)`` for ``'letterbox'`` (1.0 when
+            the image fit), 1.0 for ``'pad'``; for ``'resize'`` the two axes differ, see ``resized_hw`` and
+            ``original_hw`` (recorded as 1.0).
     """
 
     mode: GeometryMode
@@ -49,6 +65,12 @@ class PadInfo:
     top: int
     left: int
     resized_hw: tuple[int, int]
+    scale: float = 1.0
+
+    @property
+    def scaled(self) -> bool:
+        """Whether the image content was rescaled (``'resize'`` to another size, or a ``'letterbox'`` downscale)."""
+        return tuple(self.resized_hw) != tuple(self.original_hw)
 
 
 def read_image(path: str | Path) -> np.ndarray:
@@ -93,6 +115,15 @@ def _check_hw(size_hw: Sequence[int], what: str = "size_hw") -> tuple[int, int]:
     if h <= 0 or w <= 0:
         raise ConfigError(f"{what} must be a pair (height, width) of positive integers, got {size_hw!r}.")
     return h, w
+
+
+def _check_mode(mode: object) -> None:
+    if mode not in GEOMETRY_MODES:
+        raise ConfigError(
+            f"Unknown pre-processing mode {mode!r}; use 'pad' (official evaluation: centred zero pad, images must "
+            "fit), 'resize' (official inference.py: stretch to the input size) or 'letterbox' (scale down to fit "
+            "keeping the aspect ratio, then pad like 'pad')."
+        )
 
 
 def _check_rgb(img: np.ndarray, what: str) -> None:
@@ -157,10 +188,11 @@ def pad_to(
         name = f"Image '{source}'" if source is not None else "The image"
         if fix is None:
             fix = (
-                "Use 'resize' preprocessing, which rescales to the input size without keeping the aspect ratio "
-                "(invpt-infer --mode resize; for an exported model, re-export it with invpt-export --preprocess "
-                f"resize), use a model whose config has a larger image_size (at least {max(h, H)}x{max(w, W)}), or "
-                "downscale the image first."
+                "Use 'letterbox' preprocessing, which scales such an image down to fit keeping its aspect ratio and "
+                "pads it like 'pad' (invpt-infer --mode letterbox; for an exported model, re-export it with "
+                "invpt-export --preprocess letterbox), or 'resize', which stretches every image to the input size "
+                "(invpt-infer --mode resize; invpt-export --preprocess resize), use a model whose config has a larger "
+                f"image_size (at least {max(h, H)}x{max(w, W)}), or downscale the image first."
             )
         raise InputError(
             f"{name} is {h}x{w} (HxW), larger than the model input size {H}x{W}; 'pad' mode pads to the input "
@@ -172,22 +204,44 @@ def pad_to(
     return canvas, PadInfo("pad", (h, w), (H, W), top, left, (h, w))
 
 
+def letterbox_hw(image_hw: Sequence[int], size_hw: Sequence[int]) -> tuple[tuple[int, int], float]:
+    """Content size and scale of an ``image_hw`` image letterboxed into ``size_hw``: ``((rh, rw), scale)``.
+
+    ``scale = min(H/h, W/w, 1)`` (never upscales); ``rh, rw`` are ``h*scale, w*scale`` rounded half up, at least 1
+    and at most the input size. An image that fits keeps its size (``scale == 1``).
+
+    Raises:
+        ConfigError: invalid sizes.
+    """
+    H, W = _check_hw(size_hw)
+    h, w = _check_hw(image_hw, "image_hw")
+    scale = min(H / h, W / w, 1.0)
+    if scale >= 1.0:
+        return (h, w), 1.0
+    rh = min(H, max(1, int(math.floor(h * scale + 0.5))))
+    rw = min(W, max(1, int(math.floor(w * scale + 0.5))))
+    return (rh, rw), scale
+
+
 def content_fraction_for(image_hw: Sequence[int], size_hw: Sequence[int], mode: GeometryMode) -> float:
     """Fraction (0..1) of the network input that image content of size ``image_hw`` covers after pre-processing.
 
     ``'resize'`` stretches every image over the whole input (1.0). ``'pad'`` centres the image unscaled in a zero
     canvas, so the rest is padding: ``h*w / (H*W)``, capped at 1 (an image larger than the input is refused by
-    :func:`pad_to`). A 1x1 image in a 64x64 input covers 1/4096 of it.
+    :func:`pad_to`). ``'letterbox'`` is ``'pad'`` for an image that fits; a larger one covers its scaled size
+    ``rh*rw / (H*W)`` (see :func:`letterbox_hw`), e.g. a 2000x500 image in a 512x512 input covers 512x128, 25%.
+    A 1x1 image in a 64x64 input covers 1/4096 of it in ``'pad'`` and ``'letterbox'``.
 
     Raises:
         ConfigError: unknown ``mode`` or invalid sizes.
     """
     H, W = _check_hw(size_hw)
     h, w = _check_hw(image_hw, "image_hw")
+    _check_mode(mode)
     if mode == "resize":
         return 1.0
-    if mode != "pad":
-        raise ConfigError(f"Unknown pre-processing mode {mode!r}; use 'pad' (official evaluation) or 'resize'.")
+    if mode == "letterbox":
+        (h, w), _ = letterbox_hw((h, w), (H, W))
     return min(h, H) * min(w, W) / float(H * W)
 
 
@@ -213,6 +267,29 @@ def resize_to(img: np.ndarray, size_hw: Sequence[int]) -> tuple[np.ndarray, PadI
     return out, PadInfo("resize", (h, w), (H, W), 0, 0, (H, W))
 
 
+def letterbox_to(img: np.ndarray, size_hw: Sequence[int]) -> tuple[np.ndarray, PadInfo]:
+    """Scale a float image down to fit ``size_hw`` keeping its aspect ratio, then centre it like :func:`pad_to`.
+
+    The scale is ``min(H/h, W/w, 1)`` (see :func:`letterbox_hw`): an image that fits is not scaled, so the result
+    equals :func:`pad_to`'s exactly; a larger one is downscaled with ``cv2.INTER_AREA`` (area averaging, no
+    aliasing). The content is placed at ``top = (H - rh) // 2``, ``left = (W - rw) // 2`` in a zero canvas (the
+    official pad value after normalisation). Never crops, never upscales, accepts any image size.
+    """
+    H, W = _check_hw(size_hw)
+    h, w = int(img.shape[0]), int(img.shape[1])
+    (rh, rw), scale = letterbox_hw((h, w), (H, W))
+    if (rh, rw) != (h, w):
+        src = img if img.dtype != np.float16 else img.astype(np.float32)
+        scaled = cv2.resize(src, (rw, rh), interpolation=cv2.INTER_AREA).astype(img.dtype, copy=False)
+        if img.ndim == 3 and scaled.ndim == 2:  # cv2 drops a trailing singleton channel
+            scaled = scaled[:, :, None]
+        logger.debug("letterbox: %dx%d scaled by %.4f to %dx%d in %dx%d", h, w, scale, rh, rw, H, W)
+    else:
+        scaled = img
+    canvas, placed = pad_to(scaled, (H, W))
+    return canvas, PadInfo("letterbox", (h, w), (H, W), placed.top, placed.left, (rh, rw), scale)
+
+
 def preprocess(
     img: np.ndarray,
     size_hw: Sequence[int],
@@ -225,13 +302,14 @@ def preprocess(
 ) -> tuple[np.ndarray, PadInfo]:
     """Turn an ``HxWx3`` uint8 RGB image into the network input ``[3, H, W]`` float32 (C-contiguous).
 
-    Official order: normalise, then pad (``mode='pad'``, the evaluation pipeline) or resize
-    (``mode='resize'``, ``inference.py``), then HWC to CHW. Add the batch axis with ``x[None]``.
+    Official order: normalise, then pad (``mode='pad'``, the evaluation pipeline), resize (``mode='resize'``,
+    ``inference.py``) or letterbox (``mode='letterbox'``: scale down to fit if needed, then pad), then HWC to
+    CHW. Add the batch axis with ``x[None]``.
 
     Args:
         img: ``HxWx3`` uint8 RGB, as returned by :func:`read_image`.
         size_hw: the network input size ``(H, W)``.
-        mode: ``'pad'`` or ``'resize'``.
+        mode: ``'pad'``, ``'resize'`` or ``'letterbox'``.
         mean, std: normalisation constants (ImageNet by default, as in the official configs).
         source: optional file name used in error messages.
         fix: advice ending the error for an image larger than ``size_hw`` in ``'pad'`` mode (see :func:`pad_to`).
@@ -240,10 +318,15 @@ def preprocess(
         ConfigError: unknown ``mode`` or invalid ``size_hw``.
         InputError: bad image array, or an image larger than ``size_hw`` in ``'pad'`` mode.
     """
-    if mode not in ("pad", "resize"):
-        raise ConfigError(f"Unknown pre-processing mode {mode!r}; use 'pad' (official evaluation) or 'resize'.")
+    _check_mode(mode)
+    _check_hw(size_hw)
     x = normalize(img, mean, std)
-    x, info = pad_to(x, size_hw, source=source, fix=fix) if mode == "pad" else resize_to(x, size_hw)
+    if mode == "pad":
+        x, info = pad_to(x, size_hw, source=source, fix=fix)
+    elif mode == "letterbox":
+        x, info = letterbox_to(x, size_hw)
+    else:
+        x, info = resize_to(x, size_hw)
     return np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32), info
 
 
@@ -262,30 +345,41 @@ def _check_output_size(arr: np.ndarray, info: PadInfo) -> None:
 
 
 def _crop_padding(arr: np.ndarray, info: PadInfo) -> np.ndarray:
-    """Cut the original image region out of a padded ``[..., H, W]`` map."""
-    h, w = info.original_hw
+    """Cut the image content region (``resized_hw`` at ``top, left``) out of a padded ``[..., H, W]`` map."""
+    h, w = info.resized_hw
     return np.ascontiguousarray(arr[..., info.top : info.top + h, info.left : info.left + w])
+
+
+def _bilinear_to(arr: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize (``cv2.INTER_LINEAR``, half-pixel centres) of ``[C,h,w]`` or ``[h,w]`` to ``hw``."""
+    h, w = hw
+    src = arr if np.issubdtype(arr.dtype, np.floating) and arr.dtype != np.float16 else arr.astype(np.float32)
+    if src.ndim == 2:
+        return cv2.resize(src, (w, h), interpolation=cv2.INTER_LINEAR)
+    return np.stack([cv2.resize(ch, (w, h), interpolation=cv2.INTER_LINEAR) for ch in src], axis=0)
 
 
 def restore_geometry(arr: np.ndarray, info: PadInfo) -> np.ndarray:
     """Map a **float** output map (``[C,H,W]`` or ``[H,W]`` at the network size) back to the original image size.
 
     ``'pad'``: crop the image region back out of the canvas. ``'resize'``: bilinear resize back per channel
-    (``cv2.INTER_LINEAR``), as the official ``inference.py`` does *before* decoding. Use it on raw outputs
-    (logits, probabilities, depth, normals); for label tasks restore the logits and then take the argmax, or use
-    :func:`restore_labels` on already decoded integer maps.
+    (``cv2.INTER_LINEAR``), as the official ``inference.py`` does *before* decoding. ``'letterbox'``: crop the
+    content region, then (if the image was scaled down) bilinear resize it back to the original size. Use it on
+    raw outputs (logits, probabilities, depth, normals: normals are re-normalised by decoding afterwards); for
+    label tasks restore the logits and then take the argmax, or use :func:`restore_labels` on already decoded
+    integer maps.
 
     Raises:
         ConfigError: the map's spatial size is not ``info.size_hw``.
     """
     _check_output_size(arr, info)
-    h, w = info.original_hw
-    if info.mode == "pad":
-        return _crop_padding(arr, info)
-    src = arr if np.issubdtype(arr.dtype, np.floating) and arr.dtype != np.float16 else arr.astype(np.float32)
-    if src.ndim == 2:
-        return cv2.resize(src, (w, h), interpolation=cv2.INTER_LINEAR)
-    return np.stack([cv2.resize(ch, (w, h), interpolation=cv2.INTER_LINEAR) for ch in src], axis=0)
+    _check_mode(info.mode)
+    if info.mode in ("pad", "letterbox"):
+        content = _crop_padding(arr, info)
+        if tuple(info.resized_hw) == tuple(info.original_hw):
+            return content
+        return _bilinear_to(content, tuple(info.original_hw))
+    return _bilinear_to(arr, tuple(info.original_hw))
 
 
 def _nearest_index(n_out: int, n_in: int) -> np.ndarray:
@@ -298,16 +392,22 @@ def restore_labels(labels: np.ndarray, info: PadInfo) -> np.ndarray:
     """Map an **integer** map (``[H,W]`` or ``[C,H,W]`` at the network size) back to the original size.
 
     ``'pad'`` crops; ``'resize'`` uses nearest-neighbour sampling (half-pixel centres), which never invents
-    class ids. Works for any dtype (uint8, int64, bool). Prefer resizing logits with :func:`restore_geometry`
-    and decoding afterwards when the raw outputs are available; that is what the official ``inference.py`` does.
+    class ids; ``'letterbox'`` crops the content region and samples it back to the original size the same way.
+    Works for any dtype (uint8, int64, bool). Prefer resizing logits with :func:`restore_geometry` and decoding
+    afterwards when the raw outputs are available; that is what the official ``inference.py`` does.
 
     Raises:
         ConfigError: the map's spatial size is not ``info.size_hw``.
     """
     _check_output_size(labels, info)
+    _check_mode(info.mode)
     h, w = info.original_hw
-    if info.mode == "pad":
-        return _crop_padding(labels, info)
-    H, W = info.size_hw
-    rows, cols = _nearest_index(h, H), _nearest_index(w, W)
-    return np.ascontiguousarray(labels[..., rows[:, None], cols[None, :]])
+    if info.mode in ("pad", "letterbox"):
+        src = _crop_padding(labels, info)
+        if tuple(info.resized_hw) == (h, w):
+            return src
+    else:
+        src = labels
+    sh, sw = src.shape[-2:]
+    rows, cols = _nearest_index(h, sh), _nearest_index(w, sw)
+    return np.ascontiguousarray(src[..., rows[:, None], cols[None, :]])
