@@ -20,16 +20,23 @@ from google.protobuf.message import DecodeError
 
 from invpt.artifacts import check_output, private_copy, publish, staging_dir, verified_manifest
 from invpt.calib.data import CalibrationData, load_calibration_data
-from invpt.calib.evaluate import PRECISION_TOLERANCES, evaluate, reference_outputs, run_onnx_batches, task_table
+from invpt.calib.evaluate import (
+    REDUCED_PRECISIONS,
+    REFERENCE_ONNX_UNVERIFIED,
+    REFERENCE_ONNX_VERIFIED,
+    REFERENCE_PYTORCH,
+    evaluate,
+)
 from invpt.calib.fp16 import convert_fp16
 from invpt.calib.int8 import CALIB_METHODS, calibrates_per_node, quantize_int8
 from invpt.calib.policy import select_nodes
+from invpt.compare import ComparisonResult
 from invpt.errors import CheckpointError, ExportError, InputError, ManifestError, VerificationError
 from invpt.export.graph_checks import check_graph
 from invpt.export.onnx_export import external_data_files
-from invpt.export.parity import ParityReport
 from invpt.manifest import Manifest, manifest_path_for, now_iso, parent_record, sha256_file, tool_versions
 from invpt.paths import require_file
+from invpt.runners import OnnxRuntimeRunner, PyTorchRunner, Runner
 
 _logger = logging.getLogger(__name__)
 
@@ -41,7 +48,7 @@ class QuantizeResult:
     onnx_path: Path
     manifest_path: Path
     manifest: Manifest
-    parity: Optional[ParityReport]
+    parity: Optional[ComparisonResult]
     task_metrics: dict
     sensitivity: Optional[dict] = None
     timings: dict = field(default_factory=dict)  # seconds per phase: data, reference, sensitivity, convert, parity
@@ -141,6 +148,18 @@ def _load_reference_model(manifest: Manifest, manifest_file: Path, ckpt: Optiona
     return None
 
 
+def _reference_runner(manifest: Manifest, manifest_file: Path, ckpt: Optional[Path], fp32_onnx: Path,
+                      tasks: Sequence[str]) -> Runner:
+    """The FP32 reference: PyTorch from ``ckpt`` when available, else the FP32 ONNX (``fp32_onnx``, the private copy)
+    in ONNX Runtime, labelled by whether it was verified against PyTorch at export."""
+    model = _load_reference_model(manifest, manifest_file, ckpt)
+    if model is not None:
+        return PyTorchRunner(model, tasks, name=REFERENCE_PYTORCH)
+    verified = (manifest.verification or {}).get("passed") is True
+    return OnnxRuntimeRunner(fp32_onnx, tasks=tasks, error_cls=ExportError,
+                             name=REFERENCE_ONNX_VERIFIED if verified else REFERENCE_ONNX_UNVERIFIED)
+
+
 def run_quantize(
     onnx_path: str | os.PathLike,
     precision: str,
@@ -178,7 +197,7 @@ def run_quantize(
     out = Path(out) if out else default_out(onnx_path, precision)
     calib_file = Path(calib_data) if calib_data is not None and Path(calib_data).is_file() else None
     check_output(out, [onnx_path, ckpt, manifest.parent_path(manifest_file), calib_file], InputError)
-    if precision not in PRECISION_TOLERANCES:
+    if precision not in REDUCED_PRECISIONS:
         raise InputError(f"--precision must be fp16 or int8, got '{precision}'.")
     if precision == "int8" and calib_method not in CALIB_METHODS:
         raise InputError(f"--calib-method must be one of {', '.join(CALIB_METHODS)}, got '{calib_method}'.")
@@ -244,11 +263,14 @@ def run_quantize(
         except DecodeError as err:
             raise unreadable_onnx(onnx_path, err) from err
         per_node = calibrates_per_node(src, calibrate_per_node)  # ModelOpt only; percentile ignores it
-        reference_model = _load_reference_model(manifest, manifest_file, ref_ckpt) if verify or sensitivity else None
-        ref, ref_name = (reference_outputs(holdout, tasks, reference_model, src) if (verify or sensitivity)
-                         else ({}, ""))
-        del reference_model  # ~1.7 GB for ViT-L; quantization needs the memory
-        gc.collect()
+        ref, ref_name = {}, ""
+        if verify or sensitivity:
+            reference = _reference_runner(manifest, manifest_file, ref_ckpt, src, tasks)
+            with reference:  # PyTorch one sample at a time; ONNX in its static batch (1 if dynamic)
+                ref = reference.run_batches(holdout)
+            ref_name = reference.name
+            del reference  # the model: ~1.7 GB for ViT-L; quantization needs the memory
+            gc.collect()
         lap("reference_s")
         if sensitivity:
             from invpt.calib.sensitivity import run_sensitivity
@@ -279,10 +301,11 @@ def run_quantize(
         lap("calibrate_s" if precision == "int8" else "convert_s")
         parity, task_metrics = None, {}
         if verify:
-            test = run_onnx_batches(tmp_out, holdout, tasks)
-            parity, task_metrics = evaluate(specs, ref, test, precision, ref_name, f"onnxruntime-cpu-{precision}")
+            with OnnxRuntimeRunner(tmp_out, tasks=tasks, error_cls=ExportError, precision=precision) as test_runner:
+                test = test_runner.run_batches(holdout)
+            parity, task_metrics = evaluate(specs, ref, test, precision, ref_name, test_runner.name)
             log = _logger.info if parity.passed else _logger.error
-            log("%s parity on %s:\n%s\n%s", precision.upper(), holdout_desc, parity.markdown(), task_table(task_metrics))
+            log("%s parity on %s:\n%s", precision.upper(), holdout_desc, parity.markdown())  # includes task agreement
             lap("parity_s")
             if not parity.passed and not allow_mismatch:
                 bad = {k: v.failures for k, v in parity.tasks.items() if not v.passed}
