@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
-from google.protobuf.message import DecodeError
 
 from invpt.artifacts import check_output, private_copy, publish, staging_dir, verified_manifest
 from invpt.calib.data import CalibrationData, load_calibration_data
@@ -258,10 +257,7 @@ def run_quantize(
         if sha256_file(src) != manifest.sha256:
             raise InputError(f"'{onnx_path}' changed while invpt-quantize was starting (its sha256 no longer matches "
                              f"'{manifest_file}'); nothing was written. Run again once it is no longer being written.")
-        try:
-            selection = select_nodes(src, precision, policy, keep_terms, tasks, cfg.backbone.depth)
-        except DecodeError as err:
-            raise unreadable_onnx(onnx_path, err) from err
+        selection = select_nodes(src, precision, policy, keep_terms, tasks, cfg.backbone.depth)  # parsed by the copy
         per_node = calibrates_per_node(src, calibrate_per_node)  # ModelOpt only; percentile ignores it
         ref, ref_name = {}, ""
         if verify or sensitivity:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -62,7 +64,56 @@ def test_installed_namespace_maps_folders():
         assert Path(mod.__file__).resolve().parent == (REPO / folder).resolve()
 
 
-@pytest.mark.parametrize("module", ["invpt.cli.infer", "invpt.cli.init", "invpt.export.cli", "invpt.calib.cli"])
+CLI_MODULES = ["invpt.cli.infer", "invpt.cli.init", "invpt.export.cli", "invpt.calib.cli", "invpt.engines.cli"]
+# What the optional extras bring; the core install has none of them.
+OPTIONAL = ["onnx", "onnxruntime", "onnxscript", "onnxslim", "modelopt", "onnx_graphsurgeon", "polygraphy",
+            "tensorrt", "tensorrt_rtx", "matplotlib", "google.protobuf"]
+HEAVY = ["torch", "onnx", "onnxruntime", "modelopt", "tensorrt", "tensorrt_rtx"]
+
+
+def _run_without_extras(body: str) -> subprocess.CompletedProcess:
+    """Run ``body`` in a fresh interpreter where every optional extra fails to import."""
+    code = "import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in OPTIONAL) + body
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
+
+
+def test_every_module_imports_without_the_optional_extras():
+    """Optional dependencies are imported where they are used, never at module import (so --help and the core
+    work on a core install, and a missing extra is a one-line DependencyError naming it, not a ModuleNotFoundError)."""
+    body = (
+        "import importlib, pkgutil\n"
+        "names = set()\n"
+        "for pkg in ['invpt', 'invpt.export', 'invpt.calib', 'invpt.engines', 'invpt.runtime', 'invpt.cli',\n"
+        "            'invpt.data', 'invpt.layers']:\n"
+        "    names |= {m.name for m in pkgutil.iter_modules(importlib.import_module(pkg).__path__, pkg + '.')}\n"
+        "bad = []\n"
+        "for n in sorted(names):\n"
+        "    try:\n"
+        "        importlib.import_module(n)\n"
+        "    except ImportError as e:\n"
+        "        bad.append(f'{n}: {e}')\n"
+        "print(len(names)); print('\\n'.join(bad))\n"
+        "sys.exit(1 if bad else 0)\n"
+    )
+    r = _run_without_extras(body)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert int(r.stdout.split()[0]) >= 40  # the walk really saw the package
+
+
+@pytest.mark.parametrize("module", CLI_MODULES)
+def test_help_works_without_extras_and_imports_nothing_heavy(module):
+    body = (
+        f"import runpy\nsys.argv = ['x', '--help']\n"
+        f"try:\n    runpy.run_module({module!r}, run_name='__main__')\nexcept SystemExit as e:\n    code = e.code\n"
+        f"heavy = [m for m in {HEAVY!r} if sys.modules.get(m) is not None]\n"
+        "print('HEAVY', heavy)\nsys.exit(code or (1 if heavy else 0))\n"
+    )
+    r = _run_without_extras(body)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "HEAVY []" in r.stdout and "example" in r.stdout.lower()
+
+
+@pytest.mark.parametrize("module", CLI_MODULES)
 def test_every_cli_has_help_with_examples(module, capsys):
     import importlib
 
