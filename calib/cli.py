@@ -20,10 +20,10 @@ EXAMPLES = """examples:
   invpt-quantize --onnx model.onnx --precision int8 --calib-data video.mp4 --sensitivity --budget semseg=0.03,normals=0.05
   invpt-quantize --onnx model.onnx --list-terms                                    # model terms a policy can name
 
-Large models (over 256 MB, e.g. ViT-L) calibrate node by node to bound memory, and each calibration step
-walks every node (ViT-L on 2 CPU cores: ~21 min at batch 1, 34 min at batch 8). A --dynamic-batch export calibrates up to 16 samples
-per step; a static batch-1 export takes one step per sample. With RAM to spare, --no-calibrate-per-node
-calibrates the whole graph at once instead.
+Large models (over 256 MB, e.g. ViT-L) calibrate node by node to bound memory; each calibration step then
+walks every node, so fewer, larger steps are faster: a --dynamic-batch export calibrates up to 16 samples per
+step, a static batch-1 export takes one step per sample. With RAM to spare, --no-calibrate-per-node calibrates
+the whole graph at once instead. Measured times and memory: bench/README.md.
 
 Tolerances vs FP32 PyTorch on held-out samples (pass/fail, exit 3 on fail):
   fp16: rel err <= 1e-2, cosine >= 0.9999, agreement >= 0.99
@@ -80,10 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib-method", choices=("entropy", "max", "percentile"), default="entropy",
                    help="activation range calibration (default entropy)")
     c.add_argument("--calibrate-per-node", action=argparse.BooleanOptionalAction, default=None,
-                   help="entropy/max: calibrate node by node (bounded memory, ~1 s per node per step on 2 cores) or, "
-                   "with --no-calibrate-per-node, the whole graph at once (faster for few samples, but memory grows with "
-                   "the number of samples: ViT-L took 229 s and ~21 GiB for 2 samples, 8 ran out of 24 GB). Default: "
-                   "node by node for models over 256 MB. Ignored by percentile")
+                   help="entropy/max: calibrate node by node (memory bounded by one node's tensors; slow, as it walks "
+                   "every node once per step) or, with --no-calibrate-per-node, the whole graph at once (much faster, "
+                   "but memory grows with the model and the number of samples: choose it for small models, or for a "
+                   "few samples of a large one on a machine with RAM to spare). Default: node by node for models over "
+                   "256 MB. Ignored by percentile")
     c.add_argument("--split", default="val", help="split file of a PASCAL-Context/NYUD-v2 root to sample from (default val)")
     c.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     c.add_argument("--cache-dir", default=None, help="prepared-tensor cache (default $INVPT_CACHE_DIR or ~/.cache/invpt)")

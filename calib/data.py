@@ -74,12 +74,6 @@ class CalibrationData:
     provenance: dict
     cache_hit: bool = False
 
-    def save_npz(self, path: str | os.PathLike, input_name: str = "image") -> Path:
-        """Calibration tensors as an NPZ keyed by ONNX input name (what ModelOpt reads)."""
-        path = Path(path)
-        np.savez(path, **{input_name: self.calib})
-        return path
-
 
 def stratified_sample(source: ImageSource, n: int, seed: int) -> list[int]:
     """``n`` distinct indices, spread over the source's strata in proportion to their sizes, seeded."""

@@ -313,7 +313,7 @@ def run_quantize(
         data_files = external_data_files(tmp_out)
         calibration = None
         if precision == "int8":
-            calibration = {**data.provenance, "method": calib_method,
+            calibration = {**data.provenance, "sample_ids": list(data.calib_ids), "method": calib_method,
                            "tool": "onnxruntime quantize_static" if calib_method == "percentile" else "nvidia-modelopt"}
             if calib_method != "percentile":
                 calibration["per_node"] = per_node

@@ -50,16 +50,17 @@ def build_parser() -> argparse.ArgumentParser:
     b = g.add_mutually_exclusive_group()
     b.add_argument("--batch", type=int, default=1, help="static batch size (default 1)")
     b.add_argument("--dynamic-batch", action="store_true",
-                   help="symbolic batch dimension 'batch' (H and W stay fixed); also lets invpt-quantize calibrate up to "
-                   "16 samples per step, which makes ViT-L INT8 calibration up to 16 times faster")
+                   help="symbolic batch dimension 'batch' (H and W stay fixed): choose it to run several images per call "
+                   "or build engines with a batch range; it also lets invpt-quantize calibrate up to 16 samples per step "
+                   "(much faster INT8 calibration of large models)")
     g.add_argument("--tasks", default=None,
                    help="comma-separated subset of heads to export (e.g. semseg,depth); compute only other heads "
                    "need is dropped. Default: all tasks")
     g.add_argument("--external-data", choices=("auto", "always", "never"), default="auto",
                    help="store weights in <file>.data: auto (over 1.8 GB), always, never")
     g.add_argument("--simplify", action="store_true",
-                   help="run onnxslim and keep its graph if it has fewer nodes (off by default: on dynamo graphs it "
-                   "rarely helps; on ViT-L it took 78 s and grew the graph)")
+                   help="run onnxslim and keep its graph if it has fewer nodes (off by default: on the dynamo graphs of "
+                   "InvPT it rarely helps and costs time and memory; see bench/README.md)")
     g.add_argument("--preprocess", choices=("pad", "resize", "letterbox"), default="pad",
                    help="preprocessing recorded in the manifest: pad (official evaluation, centred zero pad; images "
                    "must fit the input size), resize (official inference.py stretch, aspect ratio not kept) or "

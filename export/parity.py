@@ -6,7 +6,6 @@ working. New code imports :mod:`invpt.compare` (every stage can: it is the core)
 from __future__ import annotations
 
 from invpt.compare import (
-    DECISION_KINDS,
     FP32_TOLERANCE,
     TOLERANCES,
     ComparisonResult,
@@ -19,6 +18,6 @@ from invpt.compare import (
 )
 
 __all__ = [
-    "DECISION_KINDS", "FP32_TOLERANCE", "TOLERANCES", "ComparisonResult", "ParityReport", "TaskParity", "Tolerance",
+    "FP32_TOLERANCE", "TOLERANCES", "ComparisonResult", "ParityReport", "TaskParity", "Tolerance",
     "compare_outputs", "compare_task", "decisions",
 ]

@@ -37,8 +37,6 @@ from invpt.tasks import TaskSpec
 if TYPE_CHECKING:
     from invpt.runners import Runner
 
-DECISION_KINDS = ("label", "saliency", "boundary")
-
 
 @dataclass(frozen=True)
 class Tolerance:

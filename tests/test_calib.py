@@ -13,7 +13,7 @@ import pytest
 from invpt.calib import load_calibration_data, run_quantize
 from invpt.calib.cli import main as quantize_main
 from invpt.calib.evaluate import PRECISION_TOLERANCES
-from invpt.errors import InputError, ManifestError, VerificationError
+from invpt.errors import ConfigError, InputError, ManifestError, VerificationError
 from invpt.export import run_export
 from invpt.export.ort import ort_session
 from invpt.manifest import Manifest, Preprocessing
@@ -98,7 +98,8 @@ def test_int8_parity_and_manifest(int8, fp32):
     assert m.calibration["num_samples"] == 6 and m.calibration["method"] == "entropy"
     assert m.calibration["per_node"] is False  # a 20 MB model calibrates the whole graph at once
     assert len(m.calibration["sample_list_sha256"]) == 64
-    assert set(m.verification["holdout_ids"]).isdisjoint(set())  # recorded
+    held, used = m.verification["holdout_ids"], m.calibration["sample_ids"]
+    assert len(held) == 3 and len(used) == 6 and set(held).isdisjoint(used)  # parity never on calibration images
     assert m.precision_policy["name"] == "default" and m.precision_policy["kept_node_counts"]["decoder.attention_scores"] > 0
     assert m.verification["task_agreement"]["semseg"]["miou_vs_reference"] > 0.5
     assert "mean_angle_deg" in m.verification["task_agreement"]["normals"]
@@ -123,7 +124,7 @@ def test_keep_term_extends_policy(fp32, calib_dir, tmp_path):
     res = run_quantize(fp32.onnx_path, "fp16", tmp_path / "k.onnx", keep_terms=["head.normals"], verify=False,
                        calib_data=calib_dir, holdout_samples=1, cache_dir=tmp_path / "c")
     assert res.manifest.precision_policy["kept_node_counts"]["head.normals"] >= 2
-    with pytest.raises(Exception, match="Unknown model term"):
+    with pytest.raises(ConfigError, match="Unknown model term 'head.depth'"):
         run_quantize(fp32.onnx_path, "fp16", tmp_path / "k2.onnx", keep_terms=["head.depth"], verify=False)
 
 
