@@ -83,7 +83,7 @@ def test_decode_rejects_wrong_channels_and_rank():
     task = DATASETS["pascal_context"].task("semseg")
     with pytest.raises(ConfigError, match="semseg.*40 channels"):
         decode(task, np.zeros((40, 2, 2), np.float32))
-    with pytest.raises(ConfigError, match=r"\[C,H,W\]"):
+    with pytest.raises(ValueError, match=r"\[C,H,W\]"):
         decode(task, np.zeros((21, 2), np.float32))
 
 

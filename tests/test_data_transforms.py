@@ -341,7 +341,7 @@ def test_decode_with_info_restores_the_original_geometry():
     np.testing.assert_array_equal(decode(spec["semseg"], raw, info=info),
                                   decode(spec["semseg"], restore_geometry(raw, info)))
     assert decode(spec["semseg"], raw[None], info=info).shape == (1, 96, 160)
-    with pytest.raises(ConfigError, match="batch of 2"):
+    with pytest.raises(ValueError, match="batch of 2"):
         decode(spec["depth"], np.zeros((2, 1, 32, 32), np.float32), info=info)
 
 

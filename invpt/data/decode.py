@@ -58,8 +58,8 @@ def stable_softmax(x: np.ndarray, axis: int) -> np.ndarray:
 
 def _check_raw(task: TaskSpec, raw: np.ndarray) -> np.ndarray:
     raw = np.asarray(raw)
-    if raw.ndim not in (3, 4):
-        raise ConfigError(
+    if raw.ndim not in (3, 4):  # the caller passed the wrong array: a programming error, not a config problem
+        raise ValueError(
             f"Raw output for task '{task.name}' must be [C,H,W] or [B,C,H,W], got shape {raw.shape}. "
             "Pass the model output for that task unchanged."
         )
@@ -115,7 +115,7 @@ def _restore(task: TaskSpec, raw: np.ndarray, info: PadInfo) -> np.ndarray:
     from invpt.data.transforms import restore_geometry  # OpenCV; decoding alone stays numpy only
     if raw.ndim == 4:
         if raw.shape[0] != 1:
-            raise ConfigError(
+            raise ValueError(
                 f"Raw output for task '{task.name}' is a batch of {raw.shape[0]} (shape {raw.shape}) but one PadInfo "
                 "was given; images of a batch can have different original sizes. Decode each image on its own: "
                 "decode(task, raw[i], info=infos[i])."
@@ -135,8 +135,9 @@ def decode(task: TaskSpec, raw: np.ndarray, info: Optional[PadInfo] = None) -> n
             has the original geometry.
 
     Raises:
-        ConfigError: the shape or channel count does not match ``task``, the kind is unknown, or ``info`` does not
-            fit the output (another input size, or a batch of more than one image).
+        ValueError: ``raw`` is not [C,H,W] or [B,C,H,W], or a batch of more than one image comes with one ``info``.
+        ConfigError: the channel count does not match ``task`` (a model of another dataset), the kind is unknown,
+            or ``info`` does not fit the output (another input size).
     """
     raw = _check_raw(task, raw)
     try:
