@@ -85,7 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "but memory grows with the model and the number of samples: choose it for small models, or for a "
                    "few samples of a large one on a machine with RAM to spare). Default: node by node for models over "
                    "256 MB. Ignored by percentile")
+    c.add_argument("--dataset", choices=("pascal_context", "nyud_v2", "folder", "video", "image"), default=None,
+                   help="how to read --calib-data when detection is not what you want, e.g. a db_root holding both "
+                   "PASCALContext/ and NYUDv2/ (default: detected from the path)")
     c.add_argument("--split", default="val", help="split file of a PASCAL-Context/NYUD-v2 root to sample from (default val)")
+    c.add_argument("--video-step", type=int, default=1, metavar="N",
+                   help="video --calib-data: sample from every N-th frame (default 1: every frame)")
     c.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     c.add_argument("--cache-dir", default=None, help="prepared-tensor cache (default $INVPT_CACHE_DIR or ~/.cache/invpt)")
     v = p.add_argument_group("Verification")
@@ -104,6 +109,20 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default 0.05 each)")
     add_logging_args(p)
     return p
+
+
+def options_from_args(args: argparse.Namespace):
+    """The parsed command line as the stage's options (every flag has a field; nothing is dropped)."""
+    from invpt.calib.pipeline import QuantizeOptions
+
+    return QuantizeOptions.make(
+        args.precision, args.out, policy=args.policy, keep_terms=args.keep, calib_data=args.calib_data,
+        calib_samples=args.calib_samples, holdout_samples=args.holdout_samples, calib_method=args.calib_method,
+        calibrate_per_node=args.calibrate_per_node, dataset=args.dataset, split=args.split,
+        video_step=args.video_step, seed=args.seed, cache_dir=args.cache_dir, ckpt=args.ckpt,
+        verify=not args.no_verify, allow_mismatch=args.allow_mismatch, sensitivity=args.sensitivity,
+        budgets=_budgets(args.budget), command="invpt-quantize " + shlex.join(sys.argv[1:]),
+    )
 
 
 def _list_terms(onnx_path: str) -> int:
@@ -129,21 +148,14 @@ def _list_terms(onnx_path: str) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from invpt.calib.pipeline import run_quantize
+    from invpt.calib.pipeline import quantize
 
     if args.list_terms:
         return _list_terms(args.onnx)
     if not args.precision:
         raise InputError("--precision fp16|int8 is required (or --list-terms).")
     watch = Stopwatch()
-    res = run_quantize(
-        args.onnx, args.precision, args.out, policy=args.policy, keep_terms=args.keep, calib_data=args.calib_data,
-        calib_samples=args.calib_samples, holdout_samples=args.holdout_samples, calib_method=args.calib_method,
-        seed=args.seed, cache_dir=args.cache_dir, split=args.split, ckpt=args.ckpt,
-        verify=not args.no_verify, sensitivity=args.sensitivity, budgets=_budgets(args.budget),
-        command="invpt-quantize " + shlex.join(sys.argv[1:]), allow_mismatch=args.allow_mismatch,
-        calibrate_per_node=args.calibrate_per_node,
-    )
+    res = quantize(args.onnx, options_from_args(args))
     if res.parity is not None and not res.parity.passed:
         bad = sorted(k for k, v in res.parity.tasks.items() if not v.passed)
         raise VerificationError(

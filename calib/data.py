@@ -529,6 +529,7 @@ def load_calibration_data(
     dataset_hint: Optional[str] = None,
     split: str = "val",
     calibrating: bool = True,
+    video_step: int = 1,
 ) -> CalibrationData:
     """Sample, preprocess and cache calibration (``num_samples``) and held-out (``holdout``) images from ``path``.
 
@@ -558,7 +559,7 @@ def load_calibration_data(
         raise InputError(f"--calib-samples must be >= 1, got {num_samples}.")
     if holdout < 0:
         raise InputError(f"--holdout-samples must be >= 0, got {holdout}.")
-    source = open_source(path, dataset_hint, split=split)
+    source = open_source(path, dataset_hint, split=split, every_n=video_step)  # frame ids carry the step
     need = num_samples + holdout
     if len(source) < need:
         raise InputError(

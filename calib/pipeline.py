@@ -9,7 +9,6 @@ import gc
 import logging
 import os
 import sys
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ from invpt.export.onnx_export import external_data_files
 from invpt.manifest import Manifest, manifest_path_for, now_iso, parent_record, sha256_file, tool_versions
 from invpt.paths import require_file
 from invpt.runners import OnnxRuntimeRunner, PyTorchRunner, Runner
+from invpt.timing import PhaseTimer
 
 _logger = logging.getLogger(__name__)
 
@@ -159,180 +159,270 @@ def _reference_runner(manifest: Manifest, manifest_file: Path, ckpt: Optional[Pa
                              name=REFERENCE_ONNX_VERIFIED if verified else REFERENCE_ONNX_UNVERIFIED)
 
 
-def run_quantize(
-    onnx_path: str | os.PathLike,
-    precision: str,
-    out: Optional[str | os.PathLike] = None,
-    *,
-    policy: str = "default",
-    keep_terms: Sequence[str] = (),
-    calib_data: Optional[str | os.PathLike] = None,
-    calib_samples: int = 32,
-    holdout_samples: int = 4,
-    calib_method: str = "entropy",
-    seed: int = 0,
-    cache_dir: Optional[str | os.PathLike] = None,
-    dataset_hint: Optional[str] = None,
-    split: str = "val",
-    ckpt: Optional[str] = None,
-    verify: bool = True,
-    sensitivity: bool = False,
-    budgets: Optional[Mapping[str, float]] = None,
-    command: Optional[str] = None,
-    allow_mismatch: bool = False,
-    calibrate_per_node: Optional[bool] = None,
-) -> QuantizeResult:
-    """Produce a verified FP16 or INT8 ONNX plus manifest from an exported FP32 ONNX. See ``invpt-quantize --help``.
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """Everything ``invpt-quantize`` can be told, in one place: its argument groups parse into this, and
+    :func:`quantize` takes it. Defaults are the CLI's. Paths stay as given (relative to the working directory)."""
 
-    A parity failure raises ``VerificationError`` and writes nothing, unless ``allow_mismatch``: then the file is
-    written with ``verification.passed = false`` in its manifest (for benchmarks and for inspecting a bad model), and
-    the caller decides what to do with ``result.parity.passed``. ``calibrate_per_node`` forces ModelOpt's
-    node-by-node (True) or whole-graph (False) calibration; None picks by model size.
-    """
+    precision: str
+    out: Optional[Path] = None
+    # Policy
+    policy: str = "default"
+    keep_terms: tuple[str, ...] = ()
+    # Calibration data
+    calib_data: Optional[Path] = None
+    calib_samples: int = 32
+    holdout_samples: int = 4
+    calib_method: str = "entropy"
+    calibrate_per_node: Optional[bool] = None  # None: by model size (see calibrates_per_node)
+    dataset: Optional[str] = None  # force a reader: pascal_context, nyud_v2, folder, video, image
+    split: str = "val"
+    video_step: int = 1
+    seed: int = 0
+    cache_dir: Optional[Path] = None
+    # Verification
+    ckpt: Optional[Path] = None
+    verify: bool = True
+    allow_mismatch: bool = False
+    sensitivity: bool = False
+    budgets: Optional[tuple[tuple[str, float], ...]] = None
+    command: Optional[str] = None
+
+    @classmethod
+    def make(cls, precision: str, out=None, *, keep_terms: Sequence[str] = (), budgets: Optional[Mapping] = None,
+             dataset_hint: Optional[str] = None, **kw) -> "QuantizeOptions":
+        """Build from plain Python values (paths as str or Path, a budget dict, a list of terms)."""
+        for key in ("calib_data", "cache_dir", "ckpt"):
+            if kw.get(key) is not None:
+                kw[key] = Path(kw[key])
+        if dataset_hint is not None and kw.get("dataset") is None:
+            kw["dataset"] = dataset_hint
+        return cls(precision=precision, out=Path(out) if out is not None else None, keep_terms=tuple(keep_terms),
+                   budgets=tuple(sorted(budgets.items())) if budgets else None, **kw)
+
+    def validate(self) -> None:
+        """Refuse bad option values (exit 2) before any file is read."""
+        if self.precision not in REDUCED_PRECISIONS:
+            raise InputError(f"--precision must be fp16 or int8, got '{self.precision}'.")
+        if self.precision == "int8" and self.calib_method not in CALIB_METHODS:
+            raise InputError(f"--calib-method must be one of {', '.join(CALIB_METHODS)}, got '{self.calib_method}'.")
+        if self.precision == "int8" and not self.calib_data:
+            raise InputError(
+                "INT8 needs --calib-data (a PASCAL-Context/NYUD-v2 root, an image folder or a video); invpt never "
+                "calibrates on random data."
+            )
+        if self.calib_samples < 1:
+            raise InputError(f"--calib-samples must be >= 1, got {self.calib_samples}.")
+        if self.holdout_samples < 0:
+            raise InputError(f"--holdout-samples must be >= 0, got {self.holdout_samples}.")
+        if (self.verify or self.sensitivity) and self.holdout_samples < 1:
+            raise InputError(
+                f"--holdout-samples {self.holdout_samples}: the parity check needs at least 1 held-out sample. Give "
+                "--holdout-samples 1 or more, or --no-verify to skip verification (the manifest then records it)."
+            )
+        if self.seed < 0:
+            raise InputError(f"--seed must be >= 0, got {self.seed}.")
+        if self.video_step < 1:
+            raise InputError(f"--video-step must be >= 1, got {self.video_step}.")
+        if self.sensitivity and self.precision != "int8":
+            raise InputError("--sensitivity applies to --precision int8.")
+        if self.calib_data is not None and not Path(self.calib_data).exists():
+            raise InputError(
+                f"Calibration data '{self.calib_data}' does not exist. Pass a PASCAL-Context or NYUD-v2 root (official "
+                "layout), a folder of images, or a video file."
+            )
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """What the checks before any work established."""
+
+    onnx_path: Path
+    manifest: Manifest
+    manifest_file: Path
+    out: Path
+    ref_ckpt: Optional[Path]
+
+
+@dataclass(frozen=True)
+class _HeldOut:
+    data: Optional[CalibrationData]
+    images: np.ndarray
+    description: str
+
+
+def check_inputs(onnx_path: str | os.PathLike, opts: QuantizeOptions) -> _Inputs:
+    """Step 1, before any model, data or calibration work: options, the input ONNX against its manifest, the output."""
     onnx_path = Path(onnx_path)
-    # Inputs and options first, before any model, data or calibration work.
     manifest = load_input_manifest(onnx_path)
     manifest_file = manifest_path_for(onnx_path)
-    out = Path(out) if out else default_out(onnx_path, precision)
-    calib_file = Path(calib_data) if calib_data is not None and Path(calib_data).is_file() else None
-    check_output(out, [onnx_path, ckpt, manifest.parent_path(manifest_file), calib_file], InputError)
-    if precision not in REDUCED_PRECISIONS:
-        raise InputError(f"--precision must be fp16 or int8, got '{precision}'.")
-    if precision == "int8" and calib_method not in CALIB_METHODS:
-        raise InputError(f"--calib-method must be one of {', '.join(CALIB_METHODS)}, got '{calib_method}'.")
-    if precision == "int8" and not calib_data:
-        raise InputError(
-            "INT8 needs --calib-data (a PASCAL-Context/NYUD-v2 root, an image folder or a video); invpt never "
-            "calibrates on random data."
-        )
-    if calib_samples < 1:
-        raise InputError(f"--calib-samples must be >= 1, got {calib_samples}.")
-    if holdout_samples < 0:
-        raise InputError(f"--holdout-samples must be >= 0, got {holdout_samples}.")
-    if (verify or sensitivity) and holdout_samples < 1:
-        raise InputError(
-            f"--holdout-samples {holdout_samples}: the parity check needs at least 1 held-out sample. Give "
-            "--holdout-samples 1 or more, or --no-verify to skip verification (the manifest then records it)."
-        )
-    if seed < 0:
-        raise InputError(f"--seed must be >= 0, got {seed}.")
-    if sensitivity and precision != "int8":
-        raise InputError("--sensitivity applies to --precision int8.")
-    if calib_data is not None and not Path(calib_data).exists():
-        raise InputError(
-            f"Calibration data '{calib_data}' does not exist. Pass a PASCAL-Context or NYUD-v2 root (official layout), "
-            "a folder of images, or a video file."
-        )
-    ref_ckpt = resolve_reference_checkpoint(manifest, manifest_file, ckpt) if (verify or sensitivity) else None
-    cfg = manifest.model_config
-    tasks = manifest.tasks
-    specs = [s for s in cfg.task_specs if s.name in tasks]
+    out = opts.out or default_out(onnx_path, opts.precision)
+    calib_file = opts.calib_data if opts.calib_data is not None and Path(opts.calib_data).is_file() else None
+    check_output(out, [onnx_path, opts.ckpt, manifest.parent_path(manifest_file), calib_file], InputError)
+    opts.validate()
+    ckpt = str(opts.ckpt) if opts.ckpt is not None else None
+    ref_ckpt = resolve_reference_checkpoint(manifest, manifest_file, ckpt) if (opts.verify or opts.sensitivity) else None
+    return _Inputs(onnx_path, manifest, manifest_file, out, ref_ckpt)
 
-    timings: dict[str, float] = {}
-    clock = time.perf_counter()
 
-    def lap(name: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        timings[name] = round(now - clock, 3)
-        clock = now
+def load_held_out(manifest: Manifest, opts: QuantizeOptions) -> _HeldOut:
+    """Step 2: calibration and held-out images (real ones from --calib-data; seeded noise for FP16 without it)."""
+    if opts.calib_data:
+        data = load_calibration_data(opts.calib_data, manifest.preprocessing,
+                                     opts.calib_samples if opts.precision == "int8" else 1, opts.holdout_samples,
+                                     opts.seed, opts.cache_dir, opts.dataset, opts.split,
+                                     calibrating=opts.precision == "int8", video_step=opts.video_step)
+        return _HeldOut(data, data.holdout, f"{len(data.holdout)} held-out image(s) from {opts.calib_data}, disjoint "
+                        "from the calibration samples")
+    shape = (max(opts.holdout_samples, 1), 3, *manifest.model_config.image_size)
+    images = np.random.default_rng(opts.seed).standard_normal(shape, dtype=np.float32)
+    return _HeldOut(None, images, f"{len(images)} seeded random input(s) (no --calib-data given)")
 
-    data: Optional[CalibrationData] = None
-    if calib_data:
-        data = load_calibration_data(calib_data, manifest.preprocessing, calib_samples if precision == "int8" else 1,
-                                     holdout_samples, seed, cache_dir, dataset_hint, split,
-                                     calibrating=precision == "int8")
-        holdout = data.holdout
-        holdout_desc = f"{len(holdout)} held-out image(s) from {calib_data}, disjoint from the calibration samples"
+
+def private_input(inputs: _Inputs, staging: Path) -> Path:
+    """Step 3: the one private copy of the input the whole stage reads, checked to be the file the manifest describes
+    (libraries rewrite their input in place, and the user's file may change while we run)."""
+    src = private_copy(inputs.onnx_path, staging / ".input")
+    if sha256_file(src) != inputs.manifest.sha256:
+        raise InputError(f"'{inputs.onnx_path}' changed while invpt-quantize was starting (its sha256 no longer matches "
+                         f"'{inputs.manifest_file}'); nothing was written. Run again once it is no longer being written.")
+    return src
+
+
+def reference_outputs(inputs: _Inputs, src: Path, images: np.ndarray) -> tuple[dict, str]:
+    """Step 4: FP32 reference outputs on the held-out images; the reference is released before quantizing."""
+    reference = _reference_runner(inputs.manifest, inputs.manifest_file, inputs.ref_ckpt, src, inputs.manifest.tasks)
+    with reference:  # PyTorch one sample at a time; ONNX in its static batch (1 if dynamic)
+        ref = reference.run_batches(images)
+    name = reference.name
+    del reference  # the model: ~1.7 GB for ViT-L; quantization needs the memory
+    gc.collect()
+    return ref, name
+
+
+def convert(src: Path, tmp_out: Path, opts: QuantizeOptions, selection, data: Optional[CalibrationData],
+            per_node: bool) -> dict:
+    """Step 5: FP16 conversion or INT8 quantization of the private copy; returns the audit of the produced graph."""
+    if opts.precision == "fp16":
+        convert_fp16(src, tmp_out, selection.kept_nodes, selection.policy.keep_op_types)
     else:
-        holdout = np.random.default_rng(seed).standard_normal((max(holdout_samples, 1), 3, *cfg.image_size), dtype=np.float32)
-        holdout_desc = f"{len(holdout)} seeded random input(s) (no --calib-data given)"
+        quantize_int8(src, tmp_out, data.calib, opts.calib_method, selection.kept_nodes, per_node=per_node,
+                      input_is_private=True)
+    check_graph(tmp_out)
+    audit = graph_audit(tmp_out)
+    if opts.precision == "int8":
+        bad = {op: n for op, n in audit["dq_consumers"].items() if op in NEVER_QUANTIZED}
+        if bad:  # a tool failure, not a precision trade-off: keeping more in FP32 would not fix it
+            raise ExportError(
+                f"The INT8 graph the quantizer produced has Q/DQ feeding {bad}, which the policy forbids "
+                f"({', '.join(NEVER_QUANTIZED)} are never quantized); '{tmp_out.name}' was not written. This is a "
+                "quantizer or invpt bug: report it with your nvidia-modelopt, onnx and onnxruntime versions (pip list)."
+            )
+    return audit
 
-    lap("data_s")
+
+def verify(tmp_out: Path, opts: QuantizeOptions, specs, ref: dict, ref_name: str, held: _HeldOut,
+           out: Path) -> tuple[ComparisonResult, dict]:
+    """Step 6: the produced model on the held-out images against the FP32 reference, per task."""
+    tasks = [s.name for s in specs]
+    with OnnxRuntimeRunner(tmp_out, tasks=tasks, error_cls=ExportError, precision=opts.precision) as test_runner:
+        test = test_runner.run_batches(held.images)
+    parity, task_metrics = evaluate(specs, ref, test, opts.precision, ref_name, test_runner.name)
+    log = _logger.info if parity.passed else _logger.error
+    log("%s parity on %s:\n%s", opts.precision.upper(), held.description, parity.markdown())  # with task agreement
+    if not parity.passed and not opts.allow_mismatch:
+        bad = {k: v.failures for k, v in parity.tasks.items() if not v.passed}
+        raise VerificationError(
+            f"The {opts.precision.upper()} model is outside the stated tolerance for {sorted(bad)} ({bad}); "
+            f"'{out}' was not written. Keep more of the model in high precision (--keep TERM, e.g. "
+            "--keep head.normals), try another --calib-method, or run --sensitivity with --budget."
+        )
+    return parity, task_metrics
+
+
+def quantize(onnx_path: str | os.PathLike, opts: QuantizeOptions) -> QuantizeResult:
+    """Produce a verified FP16 or INT8 ONNX plus manifest from an exported FP32 ONNX. See ``invpt-quantize --help``.
+
+    A parity failure raises ``VerificationError`` and writes nothing, unless ``opts.allow_mismatch``: then the file is
+    written with ``verification.passed = false`` in its manifest (for benchmarks and for inspecting a bad model), and
+    the caller decides what to do with ``result.parity.passed``.
+    """
+    timer = PhaseTimer()
+    with timer.phase("check"):
+        inputs = check_inputs(onnx_path, opts)
+    manifest, out = inputs.manifest, inputs.out
+    cfg, tasks = manifest.model_config, manifest.tasks
+    specs = [s for s in cfg.task_specs if s.name in tasks]
+    with timer.phase("data"):
+        held = load_held_out(manifest, opts)
     sens_report = None
     with staging_dir(out, InputError) as staging:
-        # The whole stage reads one private copy of the input, checked to be the file the manifest describes: libraries
-        # rewrite their input in place, and the user's file may change while we run.
-        src = private_copy(onnx_path, staging / ".input")
-        if sha256_file(src) != manifest.sha256:
-            raise InputError(f"'{onnx_path}' changed while invpt-quantize was starting (its sha256 no longer matches "
-                             f"'{manifest_file}'); nothing was written. Run again once it is no longer being written.")
-        selection = select_nodes(src, precision, policy, keep_terms, tasks, cfg.backbone.depth)  # parsed by the copy
-        per_node = calibrates_per_node(src, calibrate_per_node)  # ModelOpt only; percentile ignores it
+        with timer.phase("data"):
+            src = private_input(inputs, staging)
+            selection = select_nodes(src, opts.precision, opts.policy, opts.keep_terms, tasks, cfg.backbone.depth)
+            per_node = calibrates_per_node(src, opts.calibrate_per_node)  # ModelOpt only; percentile ignores it
         ref, ref_name = {}, ""
-        if verify or sensitivity:
-            reference = _reference_runner(manifest, manifest_file, ref_ckpt, src, tasks)
-            with reference:  # PyTorch one sample at a time; ONNX in its static batch (1 if dynamic)
-                ref = reference.run_batches(holdout)
-            ref_name = reference.name
-            del reference  # the model: ~1.7 GB for ViT-L; quantization needs the memory
-            gc.collect()
-        lap("reference_s")
-        if sensitivity:
+        if opts.verify or opts.sensitivity:
+            with timer.phase("reference"):
+                ref, ref_name = reference_outputs(inputs, src, held.images)
+        if opts.sensitivity:
             from invpt.calib.sensitivity import run_sensitivity
 
-            sens_report = run_sensitivity(src, staging, data, ref, specs, selection, calib_method, cfg, budgets,
-                                          per_node=per_node, input_is_private=True)
-            extra = sens_report.get("search", {}).get("keep_blocks", [])
-            if extra:
-                selection = select_nodes(src, precision, policy, list(keep_terms) + list(extra), tasks,
-                                         cfg.backbone.depth)
-            lap("sensitivity_s")
+            with timer.phase("sensitivity"):
+                sens_report = run_sensitivity(src, staging, held.data, ref, specs, selection, opts.calib_method, cfg,
+                                              dict(opts.budgets) if opts.budgets else None, per_node=per_node,
+                                              input_is_private=True)
+                extra = sens_report.get("search", {}).get("keep_blocks", [])
+                if extra:
+                    selection = select_nodes(src, opts.precision, opts.policy, list(opts.keep_terms) + list(extra),
+                                             tasks, cfg.backbone.depth)
         tmp_out = staging / out.name
-        if precision == "fp16":
-            convert_fp16(src, tmp_out, selection.kept_nodes, selection.policy.keep_op_types)
-        else:
-            quantize_int8(src, tmp_out, data.calib, calib_method, selection.kept_nodes, per_node=per_node,
-                          input_is_private=True)
-        check_graph(tmp_out)
-        audit = graph_audit(tmp_out)
-        if precision == "int8":
-            bad = {op: n for op, n in audit["dq_consumers"].items() if op in NEVER_QUANTIZED}
-            if bad:  # a tool failure, not a precision trade-off: keeping more in FP32 would not fix it
-                raise ExportError(
-                    f"The INT8 graph the quantizer produced has Q/DQ feeding {bad}, which the policy forbids "
-                    f"({', '.join(NEVER_QUANTIZED)} are never quantized); '{out}' was not written. This is a quantizer "
-                    "or invpt bug: report it with your nvidia-modelopt, onnx and onnxruntime versions (pip list)."
-                )
-        lap("calibrate_s" if precision == "int8" else "convert_s")
+        with timer.phase("calibrate" if opts.precision == "int8" else "convert"):
+            audit = convert(src, tmp_out, opts, selection, held.data, per_node)
         parity, task_metrics = None, {}
-        if verify:
-            with OnnxRuntimeRunner(tmp_out, tasks=tasks, error_cls=ExportError, precision=precision) as test_runner:
-                test = test_runner.run_batches(holdout)
-            parity, task_metrics = evaluate(specs, ref, test, precision, ref_name, test_runner.name)
-            log = _logger.info if parity.passed else _logger.error
-            log("%s parity on %s:\n%s", precision.upper(), holdout_desc, parity.markdown())  # includes task agreement
-            lap("parity_s")
-            if not parity.passed and not allow_mismatch:
-                bad = {k: v.failures for k, v in parity.tasks.items() if not v.passed}
-                raise VerificationError(
-                    f"The {precision.upper()} model is outside the stated tolerance for {sorted(bad)} ({bad}); "
-                    f"'{out}' was not written. Keep more of the model in high precision (--keep TERM, e.g. "
-                    "--keep head.normals), try another --calib-method, or run --sensitivity with --budget."
-                )
-        data_files = external_data_files(tmp_out)
-        calibration = None
-        if precision == "int8":
-            calibration = {**data.provenance, "sample_ids": list(data.calib_ids), "method": calib_method,
-                           "tool": "onnxruntime quantize_static" if calib_method == "percentile" else "nvidia-modelopt"}
-            if calib_method != "percentile":
-                calibration["per_node"] = per_node
-        man = manifest.replace(
-            artifact=out.name,
-            precision=precision,
-            sha256=sha256_file(tmp_out),
-            size_bytes=tmp_out.stat().st_size + sum((staging / d).stat().st_size for d in data_files),
-            external_data=tuple(data_files),
-            parent=parent_record("onnx", onnx_path, out.parent, manifest.sha256),  # verified at start
-            precision_policy={**selection.to_dict(), "graph": audit},
-            calibration=calibration,
-            verification=None if parity is None else {
-                **parity.to_dict(), "task_agreement": task_metrics, "inputs": holdout_desc,
-                "holdout_ids": data.holdout_ids if data else []},
-            versions=tool_versions("onnx", "onnxruntime", "nvidia-modelopt"),
-            command=command or " ".join(sys.argv),
-            created=now_iso(),
-        )
+        if opts.verify:
+            with timer.phase("parity"):
+                parity, task_metrics = verify(tmp_out, opts, specs, ref, ref_name, held, out)
+        man = _output_manifest(inputs, opts, tmp_out, staging, selection, audit, held, per_node, parity, task_metrics,
+                               timer)
         man.save(manifest_path_for(tmp_out))
-        publish(staging, out, data_files + [f.name for f in staging.glob("*.sensitivity.*")], error_cls=InputError)
-    return QuantizeResult(out, manifest_path_for(out), man, parity, task_metrics, sens_report, timings)
+        publish(staging, out, list(man.external_data) + [f.name for f in staging.glob("*.sensitivity.*")],
+                error_cls=InputError)
+    return QuantizeResult(out, manifest_path_for(out), man, parity, task_metrics, sens_report, dict(timer.seconds))
+
+
+def _output_manifest(inputs: _Inputs, opts: QuantizeOptions, tmp_out: Path, staging: Path, selection, audit: dict,
+                     held: _HeldOut, per_node: bool, parity, task_metrics: dict, timer: PhaseTimer) -> Manifest:
+    """Step 7: the produced model's manifest, derived from its input's."""
+    data_files = external_data_files(tmp_out)
+    calibration = None
+    if opts.precision == "int8":
+        data = held.data
+        calibration = {**data.provenance, "sample_ids": list(data.calib_ids), "method": opts.calib_method,
+                       "tool": "onnxruntime quantize_static" if opts.calib_method == "percentile" else "nvidia-modelopt"}
+        if opts.calib_method != "percentile":
+            calibration["per_node"] = per_node
+    return inputs.manifest.replace(
+        artifact=inputs.out.name,
+        precision=opts.precision,
+        sha256=sha256_file(tmp_out),
+        size_bytes=tmp_out.stat().st_size + sum((staging / d).stat().st_size for d in data_files),
+        external_data=tuple(data_files),
+        parent=parent_record("onnx", inputs.onnx_path, inputs.out.parent, inputs.manifest.sha256),  # verified at start
+        precision_policy={**selection.to_dict(), "graph": audit},
+        calibration=calibration,
+        verification=None if parity is None else {
+            **parity.to_dict(), "task_agreement": task_metrics, "inputs": held.description,
+            "holdout_ids": held.data.holdout_ids if held.data else []},
+        versions=tool_versions("onnx", "onnxruntime", "nvidia-modelopt"),
+        command=opts.command or " ".join(sys.argv),
+        created=now_iso(),
+        timings=timer.to_dict(),
+    )
+
+
+def run_quantize(onnx_path: str | os.PathLike, precision: str, out: Optional[str | os.PathLike] = None,
+                 **kwargs) -> QuantizeResult:
+    """:func:`quantize` with the options as keyword arguments (``QuantizeOptions`` field names; ``keep_terms`` may be
+    a list, ``budgets`` a dict, paths str or Path; ``dataset_hint`` is accepted for ``dataset``)."""
+    return quantize(onnx_path, QuantizeOptions.make(precision, out, **kwargs))

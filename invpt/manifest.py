@@ -76,6 +76,7 @@ class Manifest:
     calibration: Optional[dict[str, Any]] = None
     verification: Optional[dict[str, Any]] = None
     build: Optional[dict[str, Any]] = None  # engines: backend and version, targets, profile shapes, options, timings
+    timings: Optional[dict[str, Any]] = None  # the stage's PhaseTimer: seconds and peak RSS per phase
     versions: dict[str, str] = field(default_factory=dict)
     command: str = ""
     created: str = ""

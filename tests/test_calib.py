@@ -188,6 +188,9 @@ def test_parity_failure_writes_nothing_unless_allowed(fp32, calib_dir, tmp_path,
     assert out.exists() and not res.parity.passed
     assert Manifest.load(res.manifest_path).verification["passed"] is False
     assert {"data_s", "reference_s", "calibrate_s", "parity_s"} <= set(res.timings)
+    recorded = Manifest.load(res.manifest_path).timings  # the same phase timer, in the manifest (bench reads it)
+    assert recorded["seconds"] == res.timings and recorded["total_s"] > 0
+    assert all(v > 0 for v in recorded["peak_rss_bytes"].values())
     out.unlink()
     argv = ["--onnx", str(fp32.onnx_path), "--precision", "int8", "--out", str(out), "--calib-data", str(calib_dir),
             "--calib-samples", "2", "--holdout-samples", "1", "--calib-method", "max", "--cache-dir", str(tmp_path / "c")]
@@ -315,3 +318,37 @@ def test_calibrates_per_node_by_size_unless_told(tmp_path, monkeypatch):
     assert build_parser().parse_args(base).calibrate_per_node is None
     assert build_parser().parse_args(base + ["--no-calibrate-per-node"]).calibrate_per_node is False
     assert build_parser().parse_args(base + ["--calibrate-per-node"]).calibrate_per_node is True
+
+
+def test_every_cli_flag_reaches_the_stage_options(fp32, tmp_path, monkeypatch):
+    """The CLI parses into QuantizeOptions and nothing is dropped: --dataset and --video-step (unreachable before)
+    arrive at the calibration reader."""
+    import invpt.calib.pipeline as pipeline
+    from invpt.calib.cli import build_parser, options_from_args
+
+    argv = ["--onnx", str(fp32.onnx_path), "--precision", "int8", "--out", str(tmp_path / "o.onnx"),
+            "--calib-data", str(tmp_path), "--calib-samples", "5", "--holdout-samples", "2", "--calib-method", "max",
+            "--no-calibrate-per-node", "--dataset", "video", "--split", "train", "--video-step", "3", "--seed", "7",
+            "--cache-dir", str(tmp_path / "c"), "--keep", "head.normals", "--policy", "backbone-only",
+            "--no-verify", "--allow-mismatch", "--budget", "semseg=0.1"]
+    opts = options_from_args(build_parser().parse_args(argv))
+    assert (opts.calib_samples, opts.holdout_samples, opts.calib_method, opts.calibrate_per_node) == (5, 2, "max", False)
+    assert (opts.dataset, opts.split, opts.video_step, opts.seed) == ("video", "train", 3, 7)
+    assert opts.keep_terms == ("head.normals",) and opts.policy == "backbone-only" and opts.budgets == (("semseg", 0.1),)
+    assert opts.verify is False and opts.allow_mismatch is True and opts.command.startswith("invpt-quantize")
+    seen = {}
+
+    def fake_load(path, prep, n, holdout, seed, cache_dir, dataset, split, calibrating, video_step):
+        seen.update(dataset=dataset, split=split, video_step=video_step, n=n, seed=seed)
+        raise InputError("stop here")
+
+    monkeypatch.setattr(pipeline, "load_calibration_data", fake_load)
+    assert quantize_main(argv) == 2
+    assert seen == {"dataset": "video", "split": "train", "video_step": 3, "n": 5, "seed": 7}
+
+
+def test_bad_video_step_is_refused_before_any_work(fp32, tmp_path):
+    out = tmp_path / "o.onnx"
+    assert quantize_main(["--onnx", str(fp32.onnx_path), "--precision", "fp16", "--video-step", "0",
+                          "--out", str(out)]) == 2
+    assert not out.exists()

@@ -593,8 +593,8 @@ def open_source(
             ]
             if len(found) > 1:
                 raise ConfigError(
-                    f"'{p}' holds both the PASCAL-Context and the NYUD-v2 layouts; pass dataset_hint "
-                    "'pascal_context' or 'nyud_v2' (or the dataset's own directory) to choose one."
+                    f"'{p}' holds both the PASCAL-Context and the NYUD-v2 layouts; choose one with --dataset "
+                    "pascal_context or --dataset nyud_v2 (dataset_hint in Python), or pass the dataset's own directory."
                 )
             hint = found[0] if found else "folder"
     src: ImageSource
