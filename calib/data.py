@@ -27,10 +27,6 @@ import json
 import logging
 import math
 import os
-import re
-import secrets
-import stat
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -39,7 +35,9 @@ import numpy as np
 
 from invpt.data.datasets import ImageSource, SplitReader, VideoReader, open_source
 from invpt.data.transforms import content_fraction, content_fraction_for, preprocess
-from invpt.errors import InputError
+from invpt.atomic import clean_stale_temps as _clean_stale_temps
+from invpt.atomic import write_atomic
+from invpt.errors import InputError, InvptError
 from invpt.manifest import Preprocessing
 
 _logger = logging.getLogger(__name__)
@@ -54,7 +52,6 @@ CACHE_FORMAT = 3
 STALE_TMP_AGE_S = 3600.0
 
 _TMP_GLOB = ".calib-*.tmp.npz"
-_TMP_PID = re.compile(r"^\.calib-[0-9a-f]+(?:\.npz)?\.(\d+)(?:\.[^.]+)?\.tmp\.npz$")
 
 
 def default_cache_dir() -> Path:
@@ -439,84 +436,26 @@ def _load_cache(file: Path, key: str, calib_ids: list[str], hold_ids: list[str],
         return None
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # EPERM: exists, owned by someone else; anything else: assume alive
-        return True
-    return True
-
-
 def clean_stale_temps(cache: Path) -> list[Path]:
     """Remove ``.calib-*.tmp.npz`` files of killed writers: their pid is not alive, or they are over an hour old."""
-    removed = []
-    now = time.time()
-    for p in cache.glob(_TMP_GLOB):
-        try:
-            st = p.lstat()
-        except OSError:
-            continue
-        if not stat.S_ISREG(st.st_mode):
-            continue
-        m = _TMP_PID.match(p.name)
-        if now - st.st_mtime > STALE_TMP_AGE_S or (m is not None and not _pid_alive(int(m.group(1)))):
-            try:
-                p.unlink()
-                removed.append(p)
-            except OSError as err:
-                _logger.debug("could not remove stale cache temp file %s: %s", p, err)
+    removed = _clean_stale_temps(cache, _TMP_GLOB, STALE_TMP_AGE_S)
     if removed:
         _logger.info("removed %d temp file(s) of interrupted calibration cache writes in %s", len(removed), cache)
     return removed
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_cache(cache: Path, file: Path, key: str, calib: np.ndarray, hold: np.ndarray, meta: dict) -> None:
-    """Write one entry atomically (temp file in the cache folder, fsync, rename); failures only warn."""
-    tmp: Optional[Path] = None
+    """Write one entry atomically and durably (invpt.atomic: temp file named with our pid, fsync, rename); failures
+    only warn. Temp files of killed writers are removed first."""
     try:
         cache.mkdir(parents=True, exist_ok=True)
         clean_stale_temps(cache)
-        # Named like mkstemp, but created with the umask's permissions (mkstemp's 0600 would hide the entry from
-        # the other users of a shared cache); the pid in the name lets a later run tell a dead writer's leftover.
-        name = cache / f".calib-{key[:24]}.{os.getpid()}.{secrets.token_hex(4)}.tmp.npz"
-        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-        tmp = name
         record = np.frombuffer(json.dumps(meta, sort_keys=True).encode("utf-8"), dtype=np.uint8)
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, calib=calib, holdout=hold, meta=record)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, file)
-        tmp = None
-        _fsync_dir(cache)
+        write_atomic(file, lambda f: np.savez(f, calib=calib, holdout=hold, meta=record), "Calibration cache",
+                     durable=True, base=file.stem, suffix=".tmp.npz")
         _logger.info("calibration cache written: %s", file)
-    except OSError as err:
+    except (OSError, InvptError) as err:
         _logger.warning("could not write calibration cache %s (%s); continuing without", file, err)
-    finally:
-        if tmp is not None:  # interrupted or failed: never leave a partial file behind
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
 
 
 def load_calibration_data(

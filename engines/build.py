@@ -623,7 +623,7 @@ def run_build(
         engine_man.save(manifest_path_for(tmp_plan))
         publish(staging, out_p, error_cls=InputError)
     if opts.timing_cache:
-        from invpt.cli.common import atomic_path
+        from invpt.atomic import atomic_path
 
         with atomic_path(opts.timing_cache) as tmp:
             tmp.write_bytes(tc_blob)

@@ -145,11 +145,9 @@ class Manifest:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write atomically (temporary file, then rename)."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(self.to_json() + "\n")
-        os.replace(tmp, path)
-        return path
+        from invpt.atomic import write_atomic
+
+        return write_atomic(path, lambda f: f.write((self.to_json() + "\n").encode()), "Manifest", ManifestError)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Manifest":

@@ -12,11 +12,9 @@ import argparse
 import logging
 import os
 import sys
-import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from invpt.errors import InputError, InvptError, ToolError
 
@@ -195,24 +193,6 @@ def run_main(fn: Callable[[argparse.Namespace], int], parser: argparse.ArgumentP
     except Exception as err:
         _log_traceback(err, False, "unexpected error (a bug in invpt; please report it with this traceback):")
         raise
-
-
-@contextmanager
-def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds.
-
-    A failure (or Ctrl-C) removes the temporary file, so no half-written output is ever left behind.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, path)
-    finally:
-        tmp_path.unlink(missing_ok=True)
 
 
 def parse_task_list(text: Optional[str], flag: str = "--tasks") -> Optional[list[str]]:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Mapping
@@ -18,6 +16,7 @@ from typing import Mapping
 import cv2
 import numpy as np
 
+from invpt.atomic import write_atomic
 from invpt.data.decode import normals_to_uint8, probability_to_uint8
 from invpt.errors import ConfigError, InputError
 from invpt.tasks import TaskSpec
@@ -212,22 +211,6 @@ def save_png(path: str | Path, rgb: np.ndarray) -> Path:
     ok, buf = cv2.imencode(".png", img if img.ndim == 2 else cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
     if not ok:
         raise InputError(f"OpenCV could not encode the image for '{p}' as PNG (shape {img.shape}).")
-    tmp: str | None = None
-    try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.tobytes())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a PNG is meant to be shared
-        os.replace(tmp, p)
-        tmp = None
-    except OSError as err:
-        raise InputError(
-            f"Could not write '{p}' ({err}). Check that the directory '{p.parent}' exists or can be created "
-            "and is writable, or choose another output directory."
-        ) from err
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomic(p, lambda f: f.write(buf.tobytes()), "PNG", InputError)  # umask's mode, never half-written
     logger.debug("wrote %s (%dx%d)", p, img.shape[1], img.shape[0])
     return p
