@@ -87,3 +87,35 @@ def resize_sites(path: str | os.PathLike) -> list[ResizeSite]:
             )
         )
     return sites
+
+
+ALIGN_CORNERS_FALSE_MODES = ("half_pixel", "pytorch_half_pixel")  # what F.interpolate(align_corners=False) becomes
+
+
+def check_resize_conformance(path: str | os.PathLike, cfg: InvPTConfig,
+                             tasks: Optional[tuple[str, ...]] = None) -> list[ResizeSite]:
+    """Every bilinear upsampling of the model must be one ``Resize`` with mode ``linear``, a half-pixel coordinate
+    mode (PyTorch's ``align_corners=False``; ``align_corners`` or ``asymmetric`` shift every output pixel) and the
+    output size the spec derives (:func:`expected_resize_sizes`). Returns the sites; raises ExportError naming the
+    offending nodes otherwise."""
+    sites = resize_sites(path)
+    want = expected_resize_sizes(cfg, tasks)
+    got = sorted(s.output_hw for s in sites if s.output_hw)
+    problems = []
+    wrong_mode = [f"{s.node} (mode {s.mode})" for s in sites if s.mode != "linear"]
+    wrong_coord = [f"{s.node} ({s.coordinate_transformation_mode})" for s in sites
+                   if s.coordinate_transformation_mode not in ALIGN_CORNERS_FALSE_MODES]
+    if wrong_mode:
+        problems.append(f"{len(wrong_mode)} Resize node(s) not linear: {', '.join(wrong_mode[:4])}")
+    if wrong_coord:
+        problems.append(f"{len(wrong_coord)} Resize node(s) with a coordinate mode other than "
+                        f"{'/'.join(ALIGN_CORNERS_FALSE_MODES)}: {', '.join(wrong_coord[:4])}")
+    if got != want or len(sites) != len(want):
+        problems.append(f"{len(sites)} Resize nodes with sizes {got[:6]}..., expected {len(want)} with sizes "
+                        f"{want[:6]}...")
+    if problems:
+        raise ExportError(
+            f"Resize conformance failed for '{os.path.basename(path)}': {'; '.join(problems)}. This is an exporter "
+            "regression: report it with your torch and onnxscript versions."
+        )
+    return sites

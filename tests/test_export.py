@@ -268,3 +268,26 @@ def test_vitl_pascal_export(tmp_path):
     ckpt = save_official_checkpoint(invpt.build_model("pascal_vitl").eval(), tmp_path / "vitl.pth")
     res = run_export(ckpt, tmp_path / "vitl.onnx")
     assert res.parity.passed and len(resize_sites(res.onnx_path)) == 56
+
+
+@pytest.mark.parametrize("attr,value,needle", [("coordinate_transformation_mode", b"align_corners", "coordinate mode"),
+                                               ("coordinate_transformation_mode", b"asymmetric", "coordinate mode"),
+                                               ("mode", b"nearest", "not linear")])
+def test_resize_conformance_checks_mode_and_coordinate_mode(pascal_dynamic, tmp_path, attr, value, needle):
+    from invpt.export.graph_checks import check_resize_conformance
+
+    cfg = pascal_dynamic.manifest.model_config
+    assert len(check_resize_conformance(pascal_dynamic.onnx_path, cfg)) == 1 + 11 * len(cfg.tasks)
+    proto = onnx.load(str(pascal_dynamic.onnx_path))
+    node = next(n for n in proto.graph.node if n.op_type == "Resize")
+    for a in node.attribute:
+        if a.name == attr:
+            a.s = value
+            break
+    else:
+        node.attribute.append(onnx.helper.make_attribute(attr, value.decode()))
+    bad = tmp_path / "bad.onnx"
+    onnx.save(proto, str(bad))
+    with pytest.raises(ExportError, match=needle) as err:
+        check_resize_conformance(bad, cfg)
+    assert node.name in str(err.value)
