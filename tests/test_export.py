@@ -291,3 +291,19 @@ def test_resize_conformance_checks_mode_and_coordinate_mode(pascal_dynamic, tmp_
     with pytest.raises(ExportError, match=needle) as err:
         check_resize_conformance(bad, cfg)
     assert node.name in str(err.value)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weight_is_a_checkpoint_error_not_a_parity_failure(tiny_pascal, tmp_path, capsys, bad):
+    """Before: exit 3 'ONNX Runtime disagrees'. Now: exit 2 naming the tensor, before any export work."""
+    import torch
+
+    sd = {k: v.clone() for k, v in tiny_pascal.state_dict().items()}
+    sd["heads.semseg.linear_pred.weight"].view(-1)[3] = bad
+    ckpt = tmp_path / "nan.pth"
+    torch.save({"model": {"module." + k: v for k, v in sd.items()}}, ckpt)
+    out = tmp_path / "nan.onnx"
+    assert export_main(["--ckpt", str(ckpt), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "heads.semseg.linear_pred.weight" in err and ("NaN" in err or "Inf" in err)
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["nan.pth"]
