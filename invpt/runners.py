@@ -376,8 +376,12 @@ class OnnxRuntimeRunner(Runner):
     def __init__(self, path: str | os.PathLike, providers: str | Sequence[str] = ("cpu",), threads: Optional[int] = None,
                  *, tasks: Optional[Sequence[str]] = None, manifest: Optional[Manifest] = None,
                  precision: Optional[str] = None, name: Optional[str] = None,
-                 error_cls: Type[InvptError] = InputError) -> None:
+                 error_cls: Type[InvptError] = InputError, session_config: Optional[Mapping[str, str]] = None) -> None:
         from invpt.paths import require_file
+
+        # SessionOptions config entries, e.g. {"session.intra_op.allow_spinning": "0"} so that idle threads do not
+        # busy-wait between runs (for timing several runners interleaved on few cores).
+        self.session_config = dict(session_config or {})
 
         self.providers = resolve_providers(providers)
         self.path = require_file(path, "ONNX file", "Pass the .onnx file written by invpt-export or invpt-quantize.",
@@ -408,6 +412,8 @@ class OnnxRuntimeRunner(Runner):
         opts.log_severity_level = 3
         if self.threads:
             opts.intra_op_num_threads = self.threads
+        for key, value in self.session_config.items():
+            opts.add_session_config_entry(key, str(value))
         try:
             session = ort.InferenceSession(str(self.path), sess_options=opts, providers=self.providers)
         except Exception as err:

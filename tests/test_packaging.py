@@ -64,7 +64,8 @@ def test_installed_namespace_maps_folders():
         assert Path(mod.__file__).resolve().parent == (REPO / folder).resolve()
 
 
-CLI_MODULES = ["invpt.cli.infer", "invpt.cli.init", "invpt.export.cli", "invpt.calib.cli", "invpt.engines.cli"]
+CLI_MODULES = ["invpt.cli.infer", "invpt.cli.init", "invpt.export.cli", "invpt.calib.cli", "invpt.engines.cli",
+               "invpt.runtime.parity_cli", "invpt.runtime.bench_cli", "invpt.runtime.deploy_cli"]
 # What the optional extras bring; the core install has none of them.
 OPTIONAL = ["onnx", "onnxruntime", "onnxscript", "onnxslim", "modelopt", "onnx_graphsurgeon", "polygraphy",
             "tensorrt", "tensorrt_rtx", "matplotlib", "google.protobuf"]
@@ -130,4 +131,5 @@ def test_console_scripts_declared():
     from importlib.metadata import distribution
 
     scripts = {ep.name for ep in distribution("invpt").entry_points if ep.group == "console_scripts"}
-    assert {"invpt-infer", "invpt-init", "invpt-export", "invpt-quantize"} <= scripts
+    assert {"invpt-infer", "invpt-init", "invpt-export", "invpt-quantize", "invpt-trt-build", "invpt-parity",
+            "invpt-bench", "invpt-deploy"} <= scripts
