@@ -116,6 +116,19 @@ def _rss_kib(pid: int) -> tuple[Optional[int], Optional[int]]:
     return rss, hwm
 
 
+def _vmhwm(reset: bool = False) -> Optional[int]:
+    """This process's peak RSS (VmHWM, bytes) since the last reset; ``reset`` starts a new window (Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+        if reset:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        return peak
+    except (OSError, StopIteration):
+        return None
+
+
 def _export_child(args: dict) -> dict[str, Any]:
     """Runs in the export child process: run_export with per-step timers; returns the report dict."""
     import resource
@@ -129,15 +142,20 @@ def _export_child(args: dict) -> dict[str, Any]:
 
         phases: dict[str, float] = {}
         peak_after: dict[str, int] = {}  # ru_maxrss (bytes) when each step ended: the step where it jumps set the peak
+        phase_peak: dict[str, int] = {}  # VmHWM during the step alone (reset before it, Linux clear_refs)
 
         def timed(name, fn):
             def wrapper(*a, **kw):
+                _vmhwm(reset=True)
                 t0 = time.perf_counter()
                 try:
                     return fn(*a, **kw)
                 finally:
                     phases[name] = phases.get(name, 0.0) + time.perf_counter() - t0
                     peak_after[name] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+                    hwm = _vmhwm()
+                    if hwm:
+                        phase_peak[name] = max(phase_peak.get(name, 0), hwm)
             return wrapper
 
         # run_export looks these up as module globals (load_model via `from invpt import load_model`), so
@@ -147,12 +165,16 @@ def _export_child(args: dict) -> dict[str, Any]:
         pipeline._simplify = timed("onnxslim", pipeline._simplify)
         pipeline.check_graph = timed("graph_checks", pipeline.check_graph)
         pipeline.resize_sites = timed("graph_checks", pipeline.resize_sites)
-        pipeline.verify_onnx = timed("verification", pipeline.verify_onnx)
+        for name, phase in (("verify_onnx", "verification"), ("torch_reference", "verification_pytorch"),
+                            ("ort_outputs", "verification_onnxruntime"), ("_inline_weights", "inline_weights")):
+            if hasattr(pipeline, name):
+                setattr(pipeline, name, timed(phase, getattr(pipeline, name)))
 
         rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         t0 = time.perf_counter()
         res = pipeline.run_export(args["ckpt"], args["onnx"], config=args["preset"], opset=args["opset"],
-                                  verify=True, command=args["command"])
+                                  verify=True, dynamic_batch=args.get("dynamic_batch", False),
+                                  command=args["command"])
         total = time.perf_counter() - t0
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         # Largest ru_maxrss among processes this child forked (if any). Not additive to peak_rss_bytes: a forked
@@ -168,6 +190,7 @@ def _export_child(args: dict) -> dict[str, Any]:
             "total_s": total,
             "phases_s": phases,
             "peak_rss_after_phase_bytes": peak_after,
+            "peak_rss_within_phase_bytes": phase_peak,
             "peak_rss_bytes": peak,
             "peak_rss_before_export_bytes": rss_before,
             "peak_rss_grandchildren_bytes": peak_children,
@@ -318,7 +341,8 @@ LEGEND = """Legend: status OK = measured; PASS / FAIL = ONNX Runtime vs PyTorch 
 tolerance of run_export's verification (rel err = max|ORT - PyTorch| / max|PyTorch| over the verification
 inputs); SKIP = not run (flag or earlier failure); ERROR = failed (details in the JSON). Export steps are
 parts of one run_export call (load = checkpoint -> model; other = manifest, hashing, publishing); 'peak
-RSS so far' = the export process's ru_maxrss when that step ended, so the step where it jumps set the peak.
+RSS so far' = the export process's ru_maxrss when that step ended, so the step where it jumps set the peak;
+'peak RSS in step' = the process's VmHWM during that step alone (reset before it).
 Peak RSS = ru_maxrss of the export child process (includes its imports and the loaded checkpoint). Latency: batch
 1, FP32, CPU, same seeded input, backends interleaved per round; 'ratio' = ORT median / PyTorch median
 (< 1: ONNX Runtime faster); 'cores busy' = process CPU time / wall time of the timed runs (well below
@@ -334,8 +358,10 @@ def report_rows(res: dict[str, Any]) -> list[list[Any]]:
     else:
         rows.append(["export", "run_export wall time (total)", fmt_seconds(ex["total_s"]), "OK"])
         peaks = ex.get("peak_rss_after_phase_bytes", {})
+        within = ex.get("peak_rss_within_phase_bytes", {})
         for name, t in ex["phases_s"].items():
-            peak = f" (peak RSS so far {fmt_bytes(peaks[name])})" if name in peaks else ""
+            peak = (f" (peak RSS in step {fmt_bytes(within[name])})" if name in within else
+                    f" (peak RSS so far {fmt_bytes(peaks[name])})" if name in peaks else "")
             rows.append(["export", f"  step: {name}", fmt_seconds(t) + peak, "OK"])
         rows.append(["export", "peak RSS of export process", f"{fmt_bytes(ex['peak_rss_bytes'])} "
                      f"(sampled {fmt_bytes(ex.get('parent_sampled_peak_rss_bytes'))})", "OK"])
@@ -415,6 +441,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, default=None,
                    help="folder for the checkpoint and ONNX files (default: a new temp folder, deleted at the end "
                         "unless --keep); ViT-L needs ~3 GB free")
+    p.add_argument("--ckpt", type=Path, default=None,
+                   help="export this checkpoint (of --preset) instead of building one with random weights")
+    p.add_argument("--dynamic-batch", action="store_true", help="export with a dynamic batch (verified at 1 and 3)")
+    p.add_argument("--no-latency", action="store_true", help="measure the export only, not PyTorch/ORT latency")
     p.add_argument("--keep", action="store_true", help="keep the checkpoint and ONNX files after the run")
     p.add_argument("--export-child", type=Path, default=None, metavar="ARGS_JSON",
                    help="internal: run only the export step from ARGS_JSON (the benchmark starts itself this way "
@@ -463,17 +493,32 @@ def main(argv=None) -> int:
     ckpt = workdir / f"{args.preset}_random_official.pth.tar"
     onnx_path = workdir / f"{args.preset}.onnx"
     rc = 0
+    res["settings"]["dynamic_batch"] = args.dynamic_batch
     try:
-        _log.info("building %s with random weights -> %s", args.preset, ckpt)
-        res["checkpoint"] = make_checkpoint(args.preset, ckpt, args.seed)
+        if args.ckpt is not None:
+            ckpt = args.ckpt
+            import invpt
+
+            with torch.device("meta"):
+                n_params = sum(p.numel() for p in invpt.build_model(args.preset).parameters())
+            res["checkpoint"] = {"path": str(ckpt), "bytes": ckpt.stat().st_size, "params": n_params, "given": True}
+        else:
+            _log.info("building %s with random weights -> %s", args.preset, ckpt)
+            res["checkpoint"] = make_checkpoint(args.preset, ckpt, args.seed)
         _log.info("exporting in a child process (verification on)")
         res["export"] = run_export_measured({"ckpt": str(ckpt), "onnx": str(onnx_path), "preset": args.preset,
-                                             "opset": opset, "threads": args.threads, "command": res["command"]},
+                                             "opset": opset, "threads": args.threads, "command": res["command"],
+                                             "dynamic_batch": args.dynamic_batch},
                                             workdir)
         if not res["export"]["ok"]:
             _log.error("export failed: %s\n%s", res["export"]["error"], res["export"].get("traceback", ""))
             res["latency"] = {}
             rc = 1
+        elif args.no_latency:
+            res["latency"] = {}
+            par = res["export"].get("parity")
+            if par is not None and not par["passed"]:
+                rc = 1
         else:
             _log.info("export done in %s; timing latency (%d warm-up + %d timed runs per backend)",
                       fmt_seconds(res["export"]["total_s"]), args.warmup, args.runs)
@@ -493,10 +538,10 @@ def main(argv=None) -> int:
         res["artifacts_kept"] = str(workdir) if (args.keep or not own_dir) else None
         if own_dir and not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
+        write_json_atomic(res, args.out)  # first: a report that fails to render must not lose the measurements
+        _log.info("wrote %s", args.out)
         if "checkpoint" in res:
             print(render(res), flush=True)
-        write_json_atomic(res, args.out)
-        _log.info("wrote %s", args.out)
     return rc
 
 

@@ -28,11 +28,12 @@ PER_NODE_CALIBRATION_BYTES = 256 * 2**20
 MAX_CALIBRATION_BATCH = 16
 
 
-def calibration_batch(onnx_path: str | os.PathLike, num_samples: int, input_name: str = "image") -> tuple[int, bool]:
+def calibration_batch(onnx_path: str | os.PathLike, num_samples: int, input_name: str = "image",
+                      max_batch: int = MAX_CALIBRATION_BATCH) -> tuple[int, bool]:
     """(samples per calibration step, whether the model's batch is dynamic).
 
     A static-batch model is fed in its own batch. A dynamic-batch model is fed the largest divisor of
-    ``num_samples`` up to ``MAX_CALIBRATION_BATCH``, so that every step has the same shape. Batching matters
+    ``num_samples`` up to ``max_batch``, so that every step has the same shape. Batching matters
     for node-by-node calibration, which builds one ONNX Runtime session per node per step: a ViT-L step took about
     21 minutes at batch 1 and 34 at batch 8 on 2 cores, so 8 samples in one step instead of 8 saves over 2 hours.
     """
@@ -45,7 +46,22 @@ def calibration_batch(onnx_path: str | os.PathLike, num_samples: int, input_name
     dim = inp.type.tensor_type.shape.dim[0]
     if dim.HasField("dim_value") and dim.dim_value > 0:
         return dim.dim_value, False
-    return max(b for b in range(1, min(num_samples, MAX_CALIBRATION_BATCH) + 1) if num_samples % b == 0), True
+    return max(b for b in range(1, min(num_samples, max(max_batch, 1)) + 1) if num_samples % b == 0), True
+
+
+def whole_graph_step_batch(onnx_path: str | os.PathLike, budget: int | None = None) -> int:
+    """Samples per whole-graph calibration step whose intermediate tensors fit in ``budget`` bytes (1 to 16;
+    default :data:`invpt.preflight.WHOLE_GRAPH_STEP_BYTES`).
+
+    ModelOpt's calibrators (its patches of onnxruntime's ``collect_data``) merge each step's intermediate tensors
+    into the ranges / histograms and free them before the next step, so memory follows the step's batch, not the
+    number of samples: ViT-L at batch 2 in one step peaked at ~21 GiB and batch 8 ran out of 24 GB, one sample a
+    step holds one sample's tensors. The tiny model still takes 16 samples a step, ViT-L one.
+    """
+    from invpt.preflight import WHOLE_GRAPH_STEP_BYTES, activation_bytes, step_batch
+
+    return step_batch(activation_bytes(onnx_path, 1), WHOLE_GRAPH_STEP_BYTES if budget is None else budget,
+                      MAX_CALIBRATION_BATCH)
 
 
 def calibrates_per_node(onnx_path: str | os.PathLike, per_node: bool | None = None) -> bool:
@@ -63,10 +79,13 @@ def calibrates_per_node(onnx_path: str | os.PathLike, per_node: bool | None = No
 
 def quantize_int8(onnx_path: str | os.PathLike, out_path: str | os.PathLike, calib: np.ndarray, method: str,
                   exclude_nodes: Sequence[str], input_name: str = "image", per_node: bool | None = None, *,
-                  input_is_private: bool = False) -> Path:
+                  input_is_private: bool = False, samples_per_step: int | None = None) -> Path:
     """Write a Q/DQ INT8 model of ``onnx_path`` calibrated on ``calib`` [N, 3, H, W].
 
     ``per_node`` picks ModelOpt's node-by-node calibration (see ``calibrates_per_node``; None = by model size).
+    ``samples_per_step`` caps the batch of one calibration step of a dynamic-batch model (None: for whole-graph
+    calibration, whose memory grows with the step's batch, as many as :func:`whole_graph_step_batch` allows (ViT-L:
+    one); node by node, where each step costs one session per node, up to ``MAX_CALIBRATION_BATCH``).
     The onnxruntime ``percentile`` path has no such mode and ignores it.
 
     The quantizer never sees ``onnx_path`` itself (ModelOpt rewrites its input in place, onnxruntime writes beside
@@ -79,11 +98,14 @@ def quantize_int8(onnx_path: str | os.PathLike, out_path: str | os.PathLike, cal
     if calib is None or len(calib) == 0:
         raise InputError("INT8 needs calibration samples; invpt never calibrates on random data (pass --calib-data).")
     out_path = Path(out_path)
-    batch, dynamic = calibration_batch(onnx_path, len(calib), input_name)
+    per_node = calibrates_per_node(onnx_path, per_node)
+    if samples_per_step is None:
+        samples_per_step = (MAX_CALIBRATION_BATCH if per_node or method == "percentile"
+                            else whole_graph_step_batch(onnx_path))
+    batch, dynamic = calibration_batch(onnx_path, len(calib), input_name, samples_per_step)
     if len(calib) % batch:
         raise InputError(f"'{onnx_path}' has a static batch of {batch}; give a multiple of {batch} calibration "
                          f"samples (got {len(calib)}).")
-    per_node = calibrates_per_node(onnx_path, per_node)
     with _library_input(Path(onnx_path), out_path.parent, input_is_private) as src:
         if method == "percentile":
             _quantize_ort(src, out_path, calib, exclude_nodes, input_name, batch)

@@ -20,6 +20,7 @@ from torch import nn
 
 from invpt.artifacts import publish, staging_dir
 from invpt.errors import ExportError, ToolError
+from invpt.preflight import release_memory
 from invpt.export.opsets import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, TRT10_MAX_OPSET  # noqa: F401 (re-exported)
 
 _logger = logging.getLogger(__name__)
@@ -117,6 +118,10 @@ def export_onnx(
                     "torch.onnx", f"exporting at opset {opset} (if it is not the default, try --opset {DEFAULT_OPSET})",
                     err, distribution="torch") from err
         proto = program.model_proto
+        # The exported program holds the exporter's IR, including the constants its optimizer folded (e.g. transposed
+        # weights: ~1.6 GB for ViT-L); released before saving makes one more copy (the serialised bytes).
+        del program
+        release_memory()
         rename_nodes_by_module(proto)
         for k, v in (metadata or {}).items():
             entry = proto.metadata_props.add()

@@ -31,14 +31,17 @@ from invpt.manifest import (
     tool_versions,
 )
 from invpt.paths import require_file
+from invpt.preflight import check_memory, estimate_export, release_memory
 from invpt.export.graph_checks import check_graph, expected_resize_sizes, resize_sites
 from invpt.export.onnx_export import (
     DEFAULT_OPSET,
+    EXTERNAL_DATA_THRESHOLD,
     check_opset,
     ExternalData,
     export_onnx,
     external_data_files,
     op_census,
+    param_bytes,
     save_onnx,
 )
 from invpt.export.ort import ort_session, run_session
@@ -60,6 +63,43 @@ def verification_batches(batch: int, dynamic_batch: bool) -> list[int]:
     return [1, 3] if dynamic_batch else [batch]
 
 
+def verification_feeds(image_size: Sequence[int], batches: Sequence[int], seed: int = 0,
+                       images: Optional[np.ndarray] = None) -> list[np.ndarray]:
+    """The verification inputs: seeded standard-normal tensors (the normalised-image range) of each batch size in
+    ``batches``, plus ``images`` (already preprocessed [N, 3, H, W]) one at a time when given."""
+    h, w = image_size
+    rng = np.random.default_rng(seed)
+    feeds = [rng.standard_normal((b, 3, h, w), dtype=np.float32) for b in batches]
+    if images is not None and len(images):
+        feeds += [images[i:i + 1] for i in range(len(images))]
+    return feeds
+
+
+def torch_reference(model: torch.nn.Module, feeds: Sequence[np.ndarray], tasks: Sequence[str]) -> dict[str, np.ndarray]:
+    """PyTorch outputs for ``feeds``, task -> concatenated array (the model can be freed afterwards)."""
+    ref: dict[str, list[np.ndarray]] = {t: [] for t in tasks}
+    with torch.no_grad():
+        for x in feeds:
+            out = model(torch.from_numpy(x), tasks=tasks)
+            for t in tasks:
+                ref[t].append(out[t].numpy())
+            del out
+    return {t: np.concatenate(v) for t, v in ref.items()}
+
+
+def ort_outputs(onnx_path: str | os.PathLike, feeds: Sequence[np.ndarray],
+                tasks: Sequence[str]) -> dict[str, np.ndarray]:
+    """ONNX Runtime (CPU) outputs for ``feeds``; the session is released before returning."""
+    session = ort_session(onnx_path)
+    got: dict[str, list[np.ndarray]] = {t: [] for t in tasks}
+    for x in feeds:
+        ort_out = run_session(session, {"image": x}, tasks)
+        for t in tasks:
+            got[t].append(ort_out[t])
+    del session
+    return {t: np.concatenate(v) for t, v in got.items()}
+
+
 def verify_onnx(
     model: torch.nn.Module,
     onnx_path: str | os.PathLike,
@@ -72,27 +112,13 @@ def verify_onnx(
     """Run the same inputs through PyTorch and ONNX Runtime (CPU) and compare every task.
 
     Inputs are seeded standard-normal tensors (the normalised-image range) of each batch size in
-    ``batches``, plus ``images`` (already preprocessed [N, 3, H, W]) when given.
+    ``batches``, plus ``images`` (already preprocessed [N, 3, H, W]) when given. PyTorch runs first; the ONNX Runtime
+    session opens only afterwards (:func:`run_export` frees the model in between: one ViT-L in memory, not two).
     """
-    h, w = model.cfg.image_size
-    rng = np.random.default_rng(seed)
-    feeds = [rng.standard_normal((b, 3, h, w), dtype=np.float32) for b in batches]
-    if images is not None and len(images):
-        feeds += [images[i:i + 1] for i in range(len(images))]
-    session = ort_session(onnx_path)
-    ref: dict[str, list[np.ndarray]] = {t: [] for t in tasks}
-    got: dict[str, list[np.ndarray]] = {t: [] for t in tasks}
-    for x in feeds:
-        with torch.no_grad():
-            out = model(torch.from_numpy(x), tasks=tasks)
-        ort_out = run_session(session, {"image": x}, tasks)
-        for t in tasks:
-            ref[t].append(out[t].numpy())
-            got[t].append(ort_out[t])
+    feeds = verification_feeds(model.cfg.image_size, batches, seed, images)
+    ref = torch_reference(model, feeds, tasks)
     specs = [s for s in model.cfg.task_specs if s.name in tasks]
-    return compare_outputs(
-        {t: np.concatenate(v) for t, v in ref.items()}, {t: np.concatenate(v) for t, v in got.items()}, specs, tol
-    )
+    return compare_outputs(ref, ort_outputs(onnx_path, feeds, tasks), specs, tol)
 
 
 def _simplify(path: Path) -> Optional[dict]:
@@ -119,6 +145,67 @@ def _simplify(path: Path) -> Optional[dict]:
         (path.parent / data).unlink()
     save_onnx(slim, path, ext)
     return {"applied": True, "nodes_before": before, "nodes_after": after}
+
+
+WORK_EXTERNAL_BYTES = 256 * 2**20  # above this, the staged ONNX keeps its weights external until the end
+
+
+def _inline_weights(path: Path) -> None:
+    """Put the weights of a staged ONNX back into the file (one self-contained file); its data file is removed.
+
+    Streamed: the file is written as the model's fields, then its graph field, whose initializers are read from the
+    data file and serialised one at a time (protobuf allows fields in any order, and ONNX's loaders, ONNX Runtime
+    and TensorRT parse it as any other file). Loading the model with its weights and saving it would hold the
+    weights twice (the message and its serialised bytes: +3.2 GB for ViT-L at the end of the export).
+    """
+    import onnx
+    from google.protobuf.internal.encoder import _VarintBytes
+    from onnx.external_data_helper import load_external_data_for_tensor
+
+    data = external_data_files(path)
+    proto = onnx.load(str(path), load_external_data=False)
+    inits = []
+    for init in proto.graph.initializer:
+        t = onnx.TensorProto()
+        t.CopyFrom(init)
+        inits.append(t)
+    proto.graph.ClearField("initializer")
+    graph = proto.graph.SerializeToString()
+    proto.ClearField("graph")
+    head = proto.SerializeToString()
+    del proto
+
+    def loaded(t: onnx.TensorProto) -> onnx.TensorProto:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            return t
+        full = onnx.TensorProto()
+        full.CopyFrom(t)
+        load_external_data_for_tensor(full, str(path.parent))
+        full.data_location = onnx.TensorProto.DEFAULT
+        del full.external_data[:]
+        return full
+
+    graph_tag, init_tag = _VarintBytes((7 << 3) | 2), _VarintBytes((5 << 3) | 2)  # ModelProto.graph, .initializer
+    sizes = []
+    for t in inits:
+        sizes.append(loaded(t).ByteSize())
+    graph_len = len(graph) + sum(len(init_tag) + len(_VarintBytes(n)) + n for n in sizes)
+    tmp = path.with_name(path.name + ".inline")
+    with open(tmp, "wb") as f:
+        f.write(head)
+        f.write(graph_tag + _VarintBytes(graph_len))
+        f.write(graph)
+        for t, n in zip(inits, sizes):
+            blob = loaded(t).SerializeToString()
+            if len(blob) != n:  # the data file changed between the two passes
+                raise ExportError(f"'{path}' changed while its weights were being written into it; export again.")
+            f.write(init_tag + _VarintBytes(n))
+            f.write(blob)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    for name in data:
+        (path.parent / name).unlink()
 
 
 def run_export(
@@ -165,16 +252,33 @@ def run_export(
     if config is not None:
         load_config(config)  # a bad preset name or YAML fails here, before the checkpoint is read
     ckpt_sha = sha256_file(ckpt_path)  # before loading: what the manifest records is what was loaded
-    model = load_model(ckpt_path, config=config, fused_attn=False)
+    model = load_model(ckpt_path, config=config, fused_attn=False)  # memory-mapped: seconds, even for ViT-L
     cfg = model.cfg
+    # Before the export itself: a machine that clearly cannot hold it is told so now, not killed minutes in.
+    check_memory(estimate_export(param_bytes(model), verify=verify, simplify=simplify), what=f"'{ckpt_path}'")
     tasks = tuple(model._resolve_tasks(tasks))
     with staging_dir(out, ExportError) as staging:
         onnx_tmp = staging / out.name
         meta = {"invpt.config": json.dumps(cfg.to_dict()), "invpt.tasks": ",".join(tasks)}
         _logger.info("exporting %s (%s, %dx%d, tasks %s) at opset %d", cfg.name or cfg.dataset, ckpt,
                      *cfg.image_size, ",".join(tasks), opset)
+        weights = param_bytes(model)
+        final_external = external_data == "always" or (external_data == "auto" and weights > EXTERNAL_DATA_THRESHOLD)
+        # A large model is processed with its weights in an external-data file even when the artifact will be one
+        # file: saving then writes the graph and the weights without serialising a second copy of them, and the
+        # graph checks (onnx.checker's full check, shape inference) read the graph alone instead of the 1.6 GB
+        # file (+5 GB at their peak for ViT-L). The weights are put back into the file at the end (_inline_weights).
+        work_external = final_external or (external_data == "auto" and weights > WORK_EXTERNAL_BYTES)
         export_onnx(model, onnx_tmp, opset=opset, batch=batch, dynamic_batch=dynamic_batch, tasks=tasks,
-                    external_data=external_data, metadata=meta)
+                    external_data="always" if work_external else "never", metadata=meta)
+        if verify:
+            # The PyTorch side of verification runs now, while the model is loaded anyway; the model is then freed
+            # before the graph checks and the ONNX Runtime session (a ViT-L held next to its session cost ~3.4 GB).
+            feeds = verification_feeds(cfg.image_size, verification_batches(batch, dynamic_batch), 0, verify_images)
+            ref = torch_reference(model, feeds, tasks)
+            specs = [s for s in cfg.task_specs if s.name in tasks]
+        del model
+        release_memory()
         simplified = _simplify(onnx_tmp) if simplify else None
         check_graph(onnx_tmp)
         sites = resize_sites(onnx_tmp)
@@ -188,8 +292,8 @@ def run_export(
             )
         parity = None
         if verify:
-            parity = verify_onnx(model, onnx_tmp, verification_batches(batch, dynamic_batch), tasks, tolerance,
-                                 images=verify_images)
+            parity = compare_outputs(ref, ort_outputs(onnx_tmp, feeds, tasks), specs, tolerance)
+            del ref, feeds
             log = _logger.info if parity.passed else _logger.error
             log("verification (ONNX Runtime CPU vs PyTorch):\n%s", parity.markdown())
             if not parity.passed:
@@ -204,6 +308,10 @@ def run_export(
         import onnx
 
         proto = onnx.load(str(onnx_tmp), load_external_data=False)
+        census = op_census(proto)
+        del proto
+        if work_external and not final_external:
+            _inline_weights(onnx_tmp)
         data_files = external_data_files(onnx_tmp)
         size = onnx_tmp.stat().st_size + sum((staging / d).stat().st_size for d in data_files)
         inputs, outputs = io_for_config(cfg, "batch" if dynamic_batch else batch, tasks)
@@ -225,7 +333,7 @@ def run_export(
                 "batch": "dynamic" if dynamic_batch else batch,
                 "tasks": list(tasks),
                 "simplified": simplified,
-                "op_census": op_census(proto),
+                "op_census": census,
                 "resize_nodes": len(sites),
             },
             verification=parity.to_dict() if parity else None,

@@ -59,7 +59,7 @@ def read_checkpoint(path: str | os.PathLike) -> RawCheckpoint:
     """
     path = require_file(path, "Checkpoint", _CKPT_FIX, CheckpointError)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = _load_weights_only(path)
     except Exception as err:  # torch raises many types: UnpicklingError, RuntimeError, EOFError, ...
         raise CheckpointError(
             f"Checkpoint '{path}' could not be read as a PyTorch checkpoint with weights_only=True ({type(err).__name__}: "
@@ -92,6 +92,23 @@ def read_checkpoint(path: str | os.PathLike) -> RawCheckpoint:
     sd = checkpoint_filter_fn(sd)
     check_finite(sd, path)
     return RawCheckpoint(path, sd, config, origin)
+
+
+def _load_weights_only(path: Path) -> Any:
+    """``torch.load(weights_only=True)``, memory-mapped where the file allows it.
+
+    A zip-format checkpoint (every ``torch.save`` since PyTorch 1.6) is mapped instead of read: its tensors are pages
+    of the file, loaded on first touch and never held twice (the model is then built on the meta device and takes
+    these tensors with ``assign=True``, see :func:`load_model`). The mapping is private (copy on write): writing a
+    parameter never writes the file. A legacy (pre-zip) file cannot be mapped and is read as before.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as err:
+        if "mmap" not in str(err) and "zip" not in str(err):
+            raise
+        _logger.debug("checkpoint %s cannot be memory-mapped (%s); reading it", path, str(err).splitlines()[0])
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _is_finite(v: torch.Tensor) -> bool:
@@ -418,11 +435,18 @@ def load_model(
     cfg = cfg_given if cfg_given is not None else infer_config(raw)
     if cfg_given is not None and raw.config is not None:
         _warn_config_differs(raw, cfg_given)
+    # Built on the meta device (no memory, no random init), then the checkpoint's own tensors are assigned: one copy
+    # of the weights (memory-mapped, see _load_weights_only) instead of a random-initialised model plus a checkpoint.
     with torch.device("meta"):
-        probe = build_model(cfg)
-    check_compatible(probe, raw.state_dict, raw.path)
-    model = build_model(cfg, fused_attn=fused_attn)
-    model.load_state_dict(raw.state_dict, strict=True)
+        model = build_model(cfg, fused_attn=fused_attn)
+    check_compatible(model, raw.state_dict, raw.path)
+    want = {k: v.dtype for k, v in model.state_dict().items()}
+    sd = {k: (v if v.dtype == want[k] else v.to(want[k])) for k, v in raw.state_dict.items()}
+    model.load_state_dict(sd, strict=True, assign=True)
+    del sd
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:  # every parameter and buffer is in the state dict (strict), so this is an invpt bug
+        raise RuntimeError(f"tensors left on the meta device after loading: {left[:5]}")
     _logger.info("loaded %s checkpoint '%s' (%s)", raw.origin, raw.path, cfg.name or cfg.dataset)
     return model.to(dev).eval()
 
