@@ -35,6 +35,7 @@ from invpt.export.onnx_export import external_data_files
 from invpt.manifest import Manifest, manifest_path_for, now_iso, parent_record, sha256_file, tool_versions
 from invpt.paths import require_file
 from invpt.runners import OnnxRuntimeRunner, PyTorchRunner, Runner
+from invpt.preflight import check_quantize_memory
 from invpt.timing import PhaseTimer
 
 _logger = logging.getLogger(__name__)
@@ -260,6 +261,11 @@ def check_inputs(onnx_path: str | os.PathLike, opts: QuantizeOptions) -> _Inputs
     calib_file = opts.calib_data if opts.calib_data is not None and Path(opts.calib_data).is_file() else None
     check_output(out, [onnx_path, opts.ckpt, manifest.parent_path(manifest_file), calib_file], InputError)
     opts.validate()
+    # Before any heavy work: stop at once (exit 2, with the figure and the option that fits) if this machine clearly
+    # cannot hold the stage's estimated peak, instead of being killed minutes in.
+    check_quantize_memory(onnx_path, opts.precision, verify=opts.verify or opts.sensitivity,
+                          per_node=calibrates_per_node(onnx_path, opts.calibrate_per_node),
+                          calib_samples=opts.calib_samples, method=opts.calib_method, model_bytes=manifest.size_bytes)
     ckpt = str(opts.ckpt) if opts.ckpt is not None else None
     ref_ckpt = resolve_reference_checkpoint(manifest, manifest_file, ckpt) if (opts.verify or opts.sensitivity) else None
     return _Inputs(onnx_path, manifest, manifest_file, out, ref_ckpt)
@@ -302,14 +308,19 @@ def reference_outputs(inputs: _Inputs, src: Path, images: np.ndarray) -> tuple[d
 
 def convert(src: Path, tmp_out: Path, opts: QuantizeOptions, selection, data: Optional[CalibrationData],
             per_node: bool) -> dict:
-    """Step 5: FP16 conversion or INT8 quantization of the private copy; returns the audit of the produced graph."""
+    """Step 5: FP16 conversion or INT8 quantization of the private copy; returns the audit of the produced graph
+    (for FP16 with the nodes the data-range rule kept in FP32 under ``data_range_rule``)."""
+    rng: dict = {}
     if opts.precision == "fp16":
-        convert_fp16(src, tmp_out, selection.kept_nodes, selection.policy.keep_op_types)
+        convert_fp16(src, tmp_out, selection.kept_nodes, selection.policy.keep_op_types,
+                     range_inputs=data.calib if data is not None else None, range_report=rng, seed=opts.seed)
     else:
         quantize_int8(src, tmp_out, data.calib, opts.calib_method, selection.kept_nodes, per_node=per_node,
                       input_is_private=True)
     check_graph(tmp_out)
     audit = graph_audit(tmp_out)
+    if rng:
+        audit["data_range_rule"] = rng
     if opts.precision == "int8":
         bad = {op: n for op, n in audit["dq_consumers"].items() if op in NEVER_QUANTIZED}
         if bad:  # a tool failure, not a precision trade-off: keeping more in FP32 would not fix it

@@ -30,6 +30,7 @@ from invpt.manifest import (
     sha256_file,
     tool_versions,
 )
+from invpt.data.transforms import GEOMETRY_MODES
 from invpt.paths import require_file
 from invpt.preflight import check_memory, estimate_export, release_memory
 from invpt.export.graph_checks import check_graph, expected_resize_sizes, resize_sites
@@ -44,8 +45,8 @@ from invpt.export.onnx_export import (
     param_bytes,
     save_onnx,
 )
-from invpt.export.ort import ort_session, run_session
-from invpt.export.parity import FP32_TOLERANCE, ParityReport, Tolerance, compare_outputs
+from invpt.compare import FP32_TOLERANCE, ParityReport, Tolerance, collect_outputs, compare_outputs
+from invpt.runners import OnnxRuntimeRunner, PyTorchRunner
 
 _logger = logging.getLogger(__name__)
 
@@ -77,27 +78,14 @@ def verification_feeds(image_size: Sequence[int], batches: Sequence[int], seed: 
 
 def torch_reference(model: torch.nn.Module, feeds: Sequence[np.ndarray], tasks: Sequence[str]) -> dict[str, np.ndarray]:
     """PyTorch outputs for ``feeds``, task -> concatenated array (the model can be freed afterwards)."""
-    ref: dict[str, list[np.ndarray]] = {t: [] for t in tasks}
-    with torch.no_grad():
-        for x in feeds:
-            out = model(torch.from_numpy(x), tasks=tasks)
-            for t in tasks:
-                ref[t].append(out[t].numpy())
-            del out
-    return {t: np.concatenate(v) for t, v in ref.items()}
+    return collect_outputs(PyTorchRunner(model, tasks, name="pytorch-fp32"), feeds)
 
 
 def ort_outputs(onnx_path: str | os.PathLike, feeds: Sequence[np.ndarray],
                 tasks: Sequence[str]) -> dict[str, np.ndarray]:
-    """ONNX Runtime (CPU) outputs for ``feeds``; the session is released before returning."""
-    session = ort_session(onnx_path)
-    got: dict[str, list[np.ndarray]] = {t: [] for t in tasks}
-    for x in feeds:
-        ort_out = run_session(session, {"image": x}, tasks)
-        for t in tasks:
-            got[t].append(ort_out[t])
-    del session
-    return {t: np.concatenate(v) for t, v in got.items()}
+    """ONNX Runtime (CPU) outputs for ``feeds`` (a static-batch model is fed in its batch); the session is released
+    before returning."""
+    return collect_outputs(OnnxRuntimeRunner(onnx_path, tasks=tasks, error_cls=ExportError), feeds)
 
 
 def verify_onnx(
@@ -247,8 +235,8 @@ def run_export(
                          "semseg,normals, or leave --tasks out to export every task.")
     if external_data not in ("auto", "always", "never"):
         raise InputError(f"--external-data must be auto, always or never, got '{external_data}'.")
-    if preprocess_mode not in ("pad", "resize"):
-        raise InputError(f"--preprocess must be pad or resize, got '{preprocess_mode}'.")
+    if preprocess_mode not in GEOMETRY_MODES:
+        raise InputError(f"--preprocess must be one of {', '.join(GEOMETRY_MODES)}, got '{preprocess_mode}'.")
     if config is not None:
         load_config(config)  # a bad preset name or YAML fails here, before the checkpoint is read
     ckpt_sha = sha256_file(ckpt_path)  # before loading: what the manifest records is what was loaded

@@ -118,6 +118,8 @@ def test_fp16_graph_and_parity(fp16):
         assert t.rel_err <= 1e-2
     kept = fp16.manifest.precision_policy["kept_node_counts"]
     assert kept["op.LayerNormalization"] == 18 and kept["op.Softmax"] == 7
+    rule = fp16.manifest.precision_policy["graph"]["data_range_rule"]  # AutoCast's data-max rule, applied by invpt
+    assert rule["data_max"] == 512 and isinstance(rule["kept_nodes"], list)
 
 
 def test_keep_term_extends_policy(fp32, calib_dir, tmp_path):

@@ -307,3 +307,10 @@ def test_non_finite_weight_is_a_checkpoint_error_not_a_parity_failure(tiny_pasca
     err = capsys.readouterr().err
     assert "heads.semseg.linear_pred.weight" in err and ("NaN" in err or "Inf" in err)
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["nan.pth"]
+
+
+def test_letterbox_preprocessing_is_recorded(tiny_pascal_official_ckpt, tmp_path):
+    res = run_export(tiny_pascal_official_ckpt, tmp_path / "lb.onnx", preprocess_mode="letterbox", verify=False)
+    assert Manifest.load(res.manifest_path).preprocessing.mode == "letterbox"
+    with pytest.raises(InputError, match="pad, resize, letterbox"):
+        run_export(tiny_pascal_official_ckpt, tmp_path / "x.onnx", preprocess_mode="fit", verify=False)
