@@ -31,6 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence, Type
 
+from invpt.atomic import fsync_path
 from invpt.errors import InputError, InvptError, ManifestError
 from invpt.manifest import Manifest, manifest_path_for, sha256_file
 from invpt.paths import describe_path_problem, require_file
@@ -273,19 +274,6 @@ def staging_dir(out: Path, error_cls: Type[InvptError], *, redirect_tmp: bool = 
 
 
 # ---- publishing ---------------------------------------------------------------------------------------------
-def _fsync(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _backup(dst: Path, backup_dir: Path) -> Optional[Path]:
     """Keep the current ``dst`` (if any) under ``backup_dir`` so a failed publish can put it back."""
     if not dst.is_file():
@@ -320,7 +308,7 @@ def publish(
         moves.append((staged_manifest, manifest_path_for(out)))
     moves.append((staging / out.name, out))
     for src, _ in moves:
-        _fsync(src)
+        fsync_path(src)
     backup_dir = staging / ".replaced"
     with artifact_lock(out):
         for path in (out, manifest_path_for(out)):
@@ -350,7 +338,7 @@ def publish(
                 except OSError as err:  # pragma: no cover - the disk failed under us
                     _logger.error("could not restore '%s' after a failed publish: %s", dst, err)
             raise
-        _fsync(out.parent)
+        fsync_path(out.parent)
     shutil.rmtree(backup_dir, ignore_errors=True)
 
 

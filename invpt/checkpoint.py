@@ -17,14 +17,13 @@ from __future__ import annotations
 import logging
 import math
 import os
-import secrets
-import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Callable, Mapping, Optional, Type
+from typing import Any, Mapping, Optional
 
 import torch
 
+from invpt.atomic import check_output_file, write_atomic  # noqa: F401 (re-exported)
 from invpt.config import ConfigLike, InvPTConfig, load_config, preset_names
 from invpt.errors import CheckpointError, InputError, InvptError
 from invpt.paths import require_file
@@ -477,84 +476,6 @@ def _warn_config_differs(raw: RawCheckpoint, given: InvPTConfig) -> None:
 
 
 # ---- writing -------------------------------------------------------------------------------------------------
-
-def _nearest_existing(path: Path) -> Path:
-    p = path.absolute()
-    while not os.path.lexists(p) and p != p.parent:
-        p = p.parent
-    return p
-
-
-def check_output_file(path: str | os.PathLike, what: str, fix: str, error_cls: Type[InvptError] = InputError) -> Path:
-    """Check, before any work, that a file can be written at ``path``; raise ``error_cls`` with one paragraph if not.
-
-    Refused: an existing directory or special file (FIFO, socket, device) at ``path``; a folder path that runs
-    through a file; a folder that is not writable.
-    """
-    p = Path(path)
-    if os.path.lexists(p):
-        try:
-            mode = p.stat().st_mode
-        except OSError as err:
-            raise error_cls(f"{what} '{p}' cannot be accessed ({err.strerror or err}). {fix}") from None
-        if stat.S_ISDIR(mode):
-            raise error_cls(f"{what} '{p}' is a directory; a file path is needed. {fix}")
-        if not stat.S_ISREG(mode):
-            kind = "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a special file"
-            raise error_cls(f"{what} '{p}' is {kind}, not a regular file. {fix}")
-    base = _nearest_existing(p.parent)
-    if not base.is_dir():
-        raise error_cls(f"{what} '{p}' cannot be created: '{base}' is a file, not a folder. {fix}")
-    if not os.access(base, os.W_OK | os.X_OK):
-        raise error_cls(f"{what} '{p}' cannot be written: folder '{base}' is not writable (permission denied). {fix}")
-    return p
-
-
-def _open_temp_beside(path: Path) -> tuple[int, Path]:
-    """Create a fresh hidden temporary file in ``path``'s folder with the mode a new file normally gets.
-
-    ``os.open(..., 0o666)`` lets the kernel apply the umask (``mkstemp`` would force 0600, so a checkpoint or
-    output written by invpt would be unreadable to the user's group, unlike any other tool's output).
-    """
-    for _ in range(100):
-        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
-        try:
-            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666), tmp
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"could not create a temporary file beside '{path}'")
-
-
-def write_atomic(
-    path: str | os.PathLike,
-    write: Callable[[IO[bytes]], None],
-    what: str = "Output",
-    error_cls: Type[InvptError] = InputError,
-) -> Path:
-    """Write a file atomically: ``write(f)`` into a temporary file beside ``path``, then ``os.replace`` it.
-
-    Readers see the old file or the complete new one, never a partial one; on any failure (or Ctrl-C) the
-    temporary file is removed. The file gets the mode any new file gets (``0o666 & ~umask``). An OS error
-    (read-only folder, disk full, path through a file) becomes ``error_cls`` with one paragraph.
-    """
-    p = Path(path)
-    fix = "Choose a writable location with enough free space."
-    check_output_file(p, what, fix, error_cls)
-    tmp: Optional[Path] = None
-    try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = _open_temp_beside(p)
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, p)
-        tmp = None
-    except OSError as err:
-        raise error_cls(f"Could not write {what.lower()} '{p}' ({err.strerror or err}). {fix}") from err
-    finally:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
-    return p
-
 
 def _atomic_save(obj: Any, path: Path) -> None:
     write_atomic(path, lambda f: torch.save(obj, f), "Checkpoint", CheckpointError)

@@ -232,7 +232,7 @@ def test_saved_checkpoint_gets_the_normal_file_mode(tiny_pascal, tmp_path, umask
 
 
 def test_failed_write_keeps_the_old_file_and_leaves_nothing(tmp_path):
-    from invpt.checkpoint import write_atomic
+    from invpt.atomic import write_atomic
 
     target = tmp_path / "m.pth"
     target.write_bytes(b"old")

@@ -336,12 +336,12 @@ def test_init_to_a_read_only_directory_is_refused(tmp_path, capsys):
 
 def test_init_when_the_write_itself_fails_is_a_paragraph(tmp_path, monkeypatch, capsys):
     """A read-only file system (or a folder that turns read-only after the checks) fails at the write: exit 2."""
-    import invpt.checkpoint as ckpt
+    import invpt.atomic as atomic
 
-    def read_only(path):
+    def read_only(path, *args, **kwargs):
         raise OSError(30, "Read-only file system")
 
-    monkeypatch.setattr(ckpt, "_open_temp_beside", read_only)
+    monkeypatch.setattr(atomic, "open_temp_beside", read_only)  # the one writer every file goes through
     assert init_main(["--config", "tiny_pascal", "--out", str(tmp_path / "m.pth")]) == 2
     err = capsys.readouterr().err
     assert "Read-only file system" in err and str(tmp_path / "m.pth") in err and "Traceback" not in err

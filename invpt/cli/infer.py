@@ -155,7 +155,7 @@ def _check_outputs_outside_inputs(out_dir: Path, images, inputs: Sequence[str], 
 
 
 def _save_npy(path: Path, arr: np.ndarray) -> None:
-    from invpt.checkpoint import write_atomic
+    from invpt.atomic import write_atomic
 
     write_atomic(path, lambda f: np.save(f, arr), "Raw output")
 

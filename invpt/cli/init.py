@@ -48,7 +48,7 @@ def _looks_like_checkpoint(path: Path) -> bool:
 
 def check_out(out: str) -> Path:
     """Refuse, before any work, an --out that is not a place for a new checkpoint (one paragraph, exit 2)."""
-    from invpt.checkpoint import check_output_file
+    from invpt.atomic import check_output_file
 
     path = Path(out)
     name = path.name.lower()
