@@ -23,37 +23,13 @@ from bench.common import (
     fmt_bytes,
     fmt_seconds,
     markdown_table,
+    make_photo_crops,
+    peak_rss,
     time_interleaved,
     write_json_atomic,
 )
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _make_images(folder: Path, n: int, size: tuple[int, int]) -> None:
-    import cv2
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    photos = [cv2.imread(str(p)) for p in sorted((REPO / "assets").glob("*.jpg"))]
-    for i in range(n):
-        img = photos[i % len(photos)]
-        s = int(rng.integers(min(img.shape[:2]) // 2, min(img.shape[:2])))
-        y, x = rng.integers(0, img.shape[0] - s + 1), rng.integers(0, img.shape[1] - s + 1)
-        cv2.imwrite(str(folder / f"img{i:03d}.png"), cv2.resize(img[y:y + s, x:x + s], (size[1], size[0])))
-
-
-def _peak_rss(reset: bool = False) -> int | None:
-    """This process's peak RSS (VmHWM) in bytes since the last reset; ``reset`` clears it (Linux) for the next phase."""
-    try:
-        with open("/proc/self/status") as f:
-            peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-        if reset:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        return peak
-    except (OSError, StopIteration):
-        return None
 
 
 def main(argv=None) -> int:
@@ -90,12 +66,12 @@ def main(argv=None) -> int:
         del model
         data = tmp / "calib"
         data.mkdir()
-        _make_images(data, args.samples + args.holdout, cfg.image_size)
+        make_photo_crops(data, args.samples + args.holdout, cfg.image_size)
         t0 = time.perf_counter()
         # Dynamic batch lets calibration take all N samples in one step (see calib.int8.calibration_batch).
         fp32 = run_export(ckpt, tmp / "model.onnx", verify=False, preprocess_mode="resize", dynamic_batch=True)
         results["export_s"] = time.perf_counter() - t0
-        results["export_peak_rss_bytes"] = _peak_rss(reset=True)
+        results["export_peak_rss_bytes"] = peak_rss(reset=True)
         t0 = time.perf_counter()
         int8 = run_quantize(fp32.onnx_path, "int8", calib_data=data, calib_samples=args.samples,
                             holdout_samples=args.holdout, calib_method=args.method, cache_dir=tmp / "cache", ckpt=str(ckpt),
@@ -104,7 +80,7 @@ def main(argv=None) -> int:
         results["int8_quantize_s"] = time.perf_counter() - t0
         results["calibrate_per_node"] = int8.manifest.calibration.get("per_node")
         results["int8_phases_s"] = int8.timings
-        results["int8_peak_rss_bytes"] = _peak_rss(reset=True)  # percentile runs in a child: not counted here
+        results["int8_peak_rss_bytes"] = peak_rss(reset=True)  # percentile runs in a child: not counted here
         results["int8_parity"] = int8.parity.to_dict()
         results["int8_task_agreement"] = int8.task_metrics
         models = {"onnxruntime fp32": fp32.onnx_path, "onnxruntime int8": int8.onnx_path}

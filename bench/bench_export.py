@@ -47,6 +47,7 @@ from bench.common import (
     fmt_seconds,
     load_average,
     markdown_table,
+    peak_rss,
     time_interleaved,
     write_json_atomic,
 )
@@ -116,19 +117,6 @@ def _rss_kib(pid: int) -> tuple[Optional[int], Optional[int]]:
     return rss, hwm
 
 
-def _vmhwm(reset: bool = False) -> Optional[int]:
-    """This process's peak RSS (VmHWM, bytes) since the last reset; ``reset`` starts a new window (Linux)."""
-    try:
-        with open("/proc/self/status") as f:
-            peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-        if reset:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        return peak
-    except (OSError, StopIteration):
-        return None
-
-
 def _export_child(args: dict) -> dict[str, Any]:
     """Runs in the export child process: run_export with per-step timers; returns the report dict."""
     import resource
@@ -146,14 +134,14 @@ def _export_child(args: dict) -> dict[str, Any]:
 
         def timed(name, fn):
             def wrapper(*a, **kw):
-                _vmhwm(reset=True)
+                peak_rss(reset=True)
                 t0 = time.perf_counter()
                 try:
                     return fn(*a, **kw)
                 finally:
                     phases[name] = phases.get(name, 0.0) + time.perf_counter() - t0
                     peak_after[name] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-                    hwm = _vmhwm()
+                    hwm = peak_rss()
                     if hwm:
                         phase_peak[name] = max(phase_peak.get(name, 0), hwm)
             return wrapper

@@ -33,24 +33,12 @@ from bench.common import (
     fmt_bytes,
     fmt_seconds,
     markdown_table,
+    make_photo_crops,
     write_json_atomic,
 )
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = ("tiny_pascal", "pascal_vitl")
-
-
-def _make_images(folder: Path, n: int, size: tuple[int, int]) -> None:
-    import cv2
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    photos = [cv2.imread(str(p)) for p in sorted((REPO / "assets").glob("*.jpg"))]
-    for i in range(n):
-        img = photos[i % len(photos)]
-        s = int(rng.integers(min(img.shape[:2]) // 2, min(img.shape[:2])))
-        y, x = rng.integers(0, img.shape[0] - s + 1), rng.integers(0, img.shape[1] - s + 1)
-        cv2.imwrite(str(folder / f"img{i:03d}.png"), cv2.resize(img[y:y + s, x:x + s], (size[1], size[0])))
 
 
 def _fp32_onnx(folder: Path) -> Path | None:
@@ -155,7 +143,7 @@ def main(argv=None) -> int:
             data = tmp / "calib"
             if not data.exists():
                 data.mkdir()
-                _make_images(data, args.calib_samples + 2, cfg_size or tuple(load_manifest_for(fp32).preprocessing.size))
+                make_photo_crops(data, args.calib_samples + 2, cfg_size or tuple(load_manifest_for(fp32).preprocessing.size))
             t0 = time.perf_counter()
             res = run_quantize(fp32, prec, calib_data=data, calib_samples=args.calib_samples, holdout_samples=2,
                                cache_dir=tmp / "cache", allow_mismatch=True)  # a benchmark records a parity miss

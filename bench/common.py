@@ -306,3 +306,30 @@ def fmt_bytes(n: Optional[float]) -> str:
             return f"{n:.0f} {unit}" if unit == "B" or n >= 1000 else f"{n:.3g} {unit}"
         n /= 1024
     return f"{n} B"
+
+
+def peak_rss(reset: bool = False) -> Optional[int]:
+    """This process's peak RSS (VmHWM, bytes) since the last reset; ``reset`` starts a new window (Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+        if reset:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        return peak
+    except (OSError, StopIteration):
+        return None
+
+
+def make_photo_crops(folder: Path, n: int, size: Sequence[int]) -> None:
+    """``n`` calibration images: seeded square crops of the photos in assets/, resized to ``size`` (H, W)."""
+    import cv2
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    photos = [cv2.imread(str(p)) for p in sorted((REPO / "assets").glob("*.jpg"))]
+    for i in range(n):
+        img = photos[i % len(photos)]
+        s = int(rng.integers(min(img.shape[:2]) // 2, min(img.shape[:2])))
+        y, x = rng.integers(0, img.shape[0] - s + 1), rng.integers(0, img.shape[1] - s + 1)
+        cv2.imwrite(str(folder / f"img{i:03d}.png"), cv2.resize(img[y:y + s, x:x + s], (size[1], size[0])))
