@@ -152,7 +152,7 @@ def _export_child(args: dict) -> dict[str, Any]:
         pipeline.export_onnx = timed("torch_onnx_export", pipeline.export_onnx)
         pipeline._simplify = timed("onnxslim", pipeline._simplify)
         pipeline.check_graph = timed("graph_checks", pipeline.check_graph)
-        pipeline.resize_sites = timed("graph_checks", pipeline.resize_sites)
+        pipeline.check_resize_conformance = timed("graph_checks", pipeline.check_resize_conformance)
         for name, phase in (("verify_onnx", "verification"), ("torch_reference", "verification_pytorch"),
                             ("ort_outputs", "verification_onnxruntime"), ("_inline_weights", "inline_weights")):
             if hasattr(pipeline, name):
@@ -177,6 +177,7 @@ def _export_child(args: dict) -> dict[str, Any]:
             "ok": True,
             "total_s": total,
             "phases_s": phases,
+            "stage_timings": man.timings,  # the export stage's own PhaseTimer (seconds and peak RSS so far per phase)
             "peak_rss_after_phase_bytes": peak_after,
             "peak_rss_within_phase_bytes": phase_peak,
             "peak_rss_bytes": peak,

@@ -72,26 +72,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def options_from_args(args: argparse.Namespace):
+    """The parsed command line as the stage's options (every export flag has a field)."""
+    from invpt.export.pipeline import ExportOptions
+
+    tasks = parse_task_list(args.tasks, "--tasks")
+    return ExportOptions(opset=args.opset, batch=args.batch, dynamic_batch=args.dynamic_batch,
+                         tasks=tuple(tasks) if tasks is not None else None, verify=not args.no_verify,
+                         simplify=args.simplify, external_data=args.external_data, preprocess_mode=args.preprocess,
+                         command="invpt-export " + shlex.join(sys.argv[1:]))
+
+
 def _run(args: argparse.Namespace) -> int:
     from invpt.export.pipeline import run_export
 
     watch = Stopwatch()
     out = Path(args.out) if args.out else default_out(args.ckpt)
-    tasks = parse_task_list(args.tasks, "--tasks")
-    result = run_export(
-        args.ckpt,
-        out,
-        config=args.config,
-        opset=args.opset,
-        batch=args.batch,
-        dynamic_batch=args.dynamic_batch,
-        tasks=tasks,
-        verify=not args.no_verify,
-        simplify=args.simplify,
-        external_data=args.external_data,
-        preprocess_mode=args.preprocess,
-        command="invpt-export " + shlex.join(sys.argv[1:]),
-    )
+    result = run_export(args.ckpt, out, options_from_args(args), config=args.config)
     m = result.manifest
     verdict = "verified" if result.parity else "NOT verified (--no-verify)"
     _logger.info("export ok %.1fs -> %s (%s), %s; manifest %s", watch.seconds, result.onnx_path,

@@ -39,7 +39,7 @@ class OnnxExportWrapper(nn.Module):
     def __init__(self, model: nn.Module, tasks: Optional[Sequence[str]] = None) -> None:
         super().__init__()
         self.model = model
-        self.tasks = tuple(model._resolve_tasks(tasks))
+        self.tasks = tuple(model.resolve_tasks(tasks))
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = self.model(image, tasks=self.tasks)

@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -33,7 +33,7 @@ from invpt.manifest import (
 from invpt.data.transforms import GEOMETRY_MODES
 from invpt.paths import require_file
 from invpt.preflight import check_memory, estimate_export, release_memory
-from invpt.export.graph_checks import check_graph, expected_resize_sizes, resize_sites
+from invpt.export.graph_checks import check_graph, check_resize_conformance
 from invpt.export.onnx_export import (
     DEFAULT_OPSET,
     EXTERNAL_DATA_THRESHOLD,
@@ -47,6 +47,7 @@ from invpt.export.onnx_export import (
 )
 from invpt.compare import FP32_TOLERANCE, ParityReport, Tolerance, collect_outputs, compare_outputs
 from invpt.runners import OnnxRuntimeRunner, PyTorchRunner
+from invpt.timing import PhaseTimer
 
 _logger = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ class ExportResult:
     manifest_path: Path
     manifest: Manifest
     parity: Optional[ParityReport]
+    timings: dict = field(default_factory=dict)  # seconds per phase (also in the manifest's timings)
 
 
 def verification_batches(batch: int, dynamic_batch: bool) -> list[int]:
@@ -196,91 +198,133 @@ def _inline_weights(path: Path) -> None:
         (path.parent / name).unlink()
 
 
-def run_export(
-    ckpt: str | os.PathLike,
-    out: str | os.PathLike,
-    *,
-    config: Optional[ConfigLike] = None,
-    opset: int = DEFAULT_OPSET,
-    batch: int = 1,
-    dynamic_batch: bool = False,
-    tasks: Optional[Sequence[str]] = None,
-    verify: bool = True,
-    simplify: bool = False,
-    external_data: ExternalData = "auto",
-    preprocess_mode: str = "pad",
-    tolerance: Tolerance = FP32_TOLERANCE,
-    verify_images: Optional[np.ndarray] = None,
-    command: Optional[str] = None,
-) -> ExportResult:
+@dataclass(frozen=True)
+class ExportOptions:
+    """Everything ``invpt-export`` can be told about the export itself (the checkpoint and --out aside): its argument
+    groups parse into this, and :func:`export_model` / :func:`run_export` take it. Defaults are the CLI's."""
+
+    opset: int = DEFAULT_OPSET
+    batch: int = 1
+    dynamic_batch: bool = False
+    tasks: Optional[tuple[str, ...]] = None  # None: every task of the model
+    verify: bool = True
+    simplify: bool = False
+    external_data: ExternalData = "auto"
+    preprocess_mode: str = "pad"
+    tolerance: Tolerance = FP32_TOLERANCE
+    verify_images: Optional[np.ndarray] = field(default=None, compare=False)  # extra preprocessed [N,3,H,W] inputs
+    command: Optional[str] = None
+
+    def validate(self) -> None:
+        """Refuse bad option values (exit 2) before any file is read."""
+        check_opset(self.opset)
+        if self.batch < 1:
+            raise ExportError(f"--batch must be >= 1, got {self.batch}.")
+        if self.tasks is not None and not [t for t in self.tasks if str(t).strip()]:
+            raise InputError("--tasks was given but names no task. Name tasks separated by commas, e.g. --tasks "
+                             "semseg,normals, or leave --tasks out to export every task.")
+        if self.external_data not in ("auto", "always", "never"):
+            raise InputError(f"--external-data must be auto, always or never, got '{self.external_data}'.")
+        if self.preprocess_mode not in GEOMETRY_MODES:
+            raise InputError(f"--preprocess must be one of {', '.join(GEOMETRY_MODES)}, got '{self.preprocess_mode}'.")
+
+
+def run_export(ckpt: str | os.PathLike, out: str | os.PathLike, opts: Optional[ExportOptions] = None, *,
+               config: Optional[ConfigLike] = None, **kwargs) -> ExportResult:
     """Export a checkpoint to a verified ONNX file plus its manifest. See ``invpt-export --help``.
+
+    ``opts`` holds the export options; keyword arguments (``ExportOptions`` field names, ``tasks`` as any sequence)
+    are accepted instead, for scripts. Everything that can be checked without the model is checked before the
+    checkpoint is read (seconds, not minutes).
 
     Raises:
         CheckpointError, ConfigError: bad checkpoint or config.
         ExportError: export or graph checks failed.
-        VerificationError: ONNX Runtime disagrees with PyTorch beyond ``tolerance`` (nothing is written).
+        VerificationError: ONNX Runtime disagrees with PyTorch beyond the tolerance (nothing is written).
     """
     from invpt import load_model
 
-    # Everything that can be checked without the model is checked before loading it (seconds, not minutes).
-    ckpt_path = require_file(ckpt, "Checkpoint", "Pass the checkpoint file (.pth/.pth.tar) with --ckpt.",
-                             CheckpointError)
-    config_file = Path(config) if isinstance(config, (str, os.PathLike)) and Path(config).is_file() else None
-    out = check_output(out, [ckpt_path, config_file], InputError)
-    check_opset(opset)
-    if batch < 1:
-        raise ExportError(f"--batch must be >= 1, got {batch}.")
-    if tasks is not None and not [t for t in tasks if str(t).strip()]:
-        raise InputError("--tasks was given but names no task. Name tasks separated by commas, e.g. --tasks "
-                         "semseg,normals, or leave --tasks out to export every task.")
-    if external_data not in ("auto", "always", "never"):
-        raise InputError(f"--external-data must be auto, always or never, got '{external_data}'.")
-    if preprocess_mode not in GEOMETRY_MODES:
-        raise InputError(f"--preprocess must be one of {', '.join(GEOMETRY_MODES)}, got '{preprocess_mode}'.")
-    if config is not None:
-        load_config(config)  # a bad preset name or YAML fails here, before the checkpoint is read
-    ckpt_sha = sha256_file(ckpt_path)  # before loading: what the manifest records is what was loaded
-    model = load_model(ckpt_path, config=config, fused_attn=False)  # memory-mapped: seconds, even for ViT-L
+    if opts is None:
+        if kwargs.get("tasks") is not None:
+            kwargs["tasks"] = tuple(kwargs["tasks"])
+        opts = ExportOptions(**kwargs)
+    elif kwargs:
+        raise TypeError(f"run_export: pass options either as ExportOptions or as keywords, not both ({sorted(kwargs)})")
+    timer = PhaseTimer()
+    with timer.phase("check"):
+        ckpt_path = require_file(ckpt, "Checkpoint", "Pass the checkpoint file (.pth/.pth.tar) with --ckpt.",
+                                 CheckpointError)
+        config_file = Path(config) if isinstance(config, (str, os.PathLike)) and Path(config).is_file() else None
+        out = check_output(out, [ckpt_path, config_file], InputError)
+        opts.validate()
+        if config is not None:
+            load_config(config)  # a bad preset name or YAML fails here, before the checkpoint is read
+        ckpt_sha = sha256_file(ckpt_path)  # before loading: what the manifest records is what was loaded
+    with timer.phase("load_checkpoint"):
+        model = load_model(ckpt_path, config=config, fused_attn=False)  # memory-mapped: seconds, even for ViT-L
+    parent = parent_record("checkpoint", ckpt_path, out.parent, ckpt_sha)
+    # export_model holds the only reference from here on, so it can free the model before ONNX Runtime opens.
+    return export_model([model], out, opts, parent=parent, timer=timer, source=str(ckpt))
+
+
+def export_model(model, out: str | os.PathLike, opts: Optional[ExportOptions] = None, *,
+                 parent: Optional[dict] = None, timer: Optional[PhaseTimer] = None,
+                 source: str = "an in-memory model") -> ExportResult:
+    """Export an InvPT model held in memory (e.g. during training) to a verified ONNX plus manifest at ``out``.
+
+    ``model`` may be wrapped in a one-element list, which this function empties: it then holds the only reference
+    and frees the model before the ONNX Runtime session opens (one ViT-L in memory, not two). ``parent`` is the
+    manifest's parent record (``None``: made from a model in memory, no file to point to).
+    """
+    opts = opts or ExportOptions()
+    timer = timer or PhaseTimer()
+    if isinstance(model, list):
+        model = model.pop()
+    if parent is None:
+        out = check_output(out, [], InputError)
+        opts.validate()
+    out = Path(out)
     cfg = model.cfg
     # Before the export itself: a machine that clearly cannot hold it is told so now, not killed minutes in.
-    check_memory(estimate_export(param_bytes(model), verify=verify, simplify=simplify), what=f"'{ckpt_path}'")
-    tasks = tuple(model._resolve_tasks(tasks))
+    check_memory(estimate_export(param_bytes(model), verify=opts.verify, simplify=opts.simplify), what=f"'{source}'")
+    tasks = tuple(model.resolve_tasks(opts.tasks))
     with staging_dir(out, ExportError) as staging:
         onnx_tmp = staging / out.name
         meta = {"invpt.config": json.dumps(cfg.to_dict()), "invpt.tasks": ",".join(tasks)}
-        _logger.info("exporting %s (%s, %dx%d, tasks %s) at opset %d", cfg.name or cfg.dataset, ckpt,
-                     *cfg.image_size, ",".join(tasks), opset)
+        _logger.info("exporting %s (%s, %dx%d, tasks %s) at opset %d", cfg.name or cfg.dataset, source,
+                     *cfg.image_size, ",".join(tasks), opts.opset)
         weights = param_bytes(model)
-        final_external = external_data == "always" or (external_data == "auto" and weights > EXTERNAL_DATA_THRESHOLD)
+        final_external = opts.external_data == "always" or (opts.external_data == "auto"
+                                                            and weights > EXTERNAL_DATA_THRESHOLD)
         # A large model is processed with its weights in an external-data file even when the artifact will be one
         # file: saving then writes the graph and the weights without serialising a second copy of them, and the
         # graph checks (onnx.checker's full check, shape inference) read the graph alone instead of the 1.6 GB
         # file (+5 GB at their peak for ViT-L). The weights are put back into the file at the end (_inline_weights).
-        work_external = final_external or (external_data == "auto" and weights > WORK_EXTERNAL_BYTES)
-        export_onnx(model, onnx_tmp, opset=opset, batch=batch, dynamic_batch=dynamic_batch, tasks=tasks,
-                    external_data="always" if work_external else "never", metadata=meta)
-        if verify:
+        work_external = final_external or (opts.external_data == "auto" and weights > WORK_EXTERNAL_BYTES)
+        with timer.phase("torch_onnx_export"):
+            export_onnx(model, onnx_tmp, opset=opts.opset, batch=opts.batch, dynamic_batch=opts.dynamic_batch,
+                        tasks=tasks, external_data="always" if work_external else "never", metadata=meta)
+        if opts.verify:
             # The PyTorch side of verification runs now, while the model is loaded anyway; the model is then freed
             # before the graph checks and the ONNX Runtime session (a ViT-L held next to its session cost ~3.4 GB).
-            feeds = verification_feeds(cfg.image_size, verification_batches(batch, dynamic_batch), 0, verify_images)
-            ref = torch_reference(model, feeds, tasks)
-            specs = [s for s in cfg.task_specs if s.name in tasks]
+            with timer.phase("verification_pytorch"):
+                feeds = verification_feeds(cfg.image_size, verification_batches(opts.batch, opts.dynamic_batch), 0,
+                                           opts.verify_images)
+                ref = torch_reference(model, feeds, tasks)
+                specs = [s for s in cfg.task_specs if s.name in tasks]
         del model
         release_memory()
-        simplified = _simplify(onnx_tmp) if simplify else None
-        check_graph(onnx_tmp)
-        sites = resize_sites(onnx_tmp)
-        want = expected_resize_sizes(cfg, tasks)
-        got = sorted(s.output_hw for s in sites if s.output_hw)
-        if got != want or any(s.mode != "linear" for s in sites):
-            raise ExportError(
-                f"Resize conformance failed for '{out.name}': {len(sites)} Resize nodes with sizes {got[:6]}..., "
-                f"expected {len(want)} linear resizes with sizes {want[:6]}.... This is an exporter regression; "
-                "report it with your torch version."
-            )
+        simplified = None
+        if opts.simplify:
+            with timer.phase("onnxslim"):
+                simplified = _simplify(onnx_tmp)
+        with timer.phase("graph_checks"):
+            check_graph(onnx_tmp)
+            sites = check_resize_conformance(onnx_tmp, cfg, tasks)
         parity = None
-        if verify:
-            parity = compare_outputs(ref, ort_outputs(onnx_tmp, feeds, tasks), specs, tolerance)
+        if opts.verify:
+            with timer.phase("verification_onnxruntime"):
+                parity = compare_outputs(ref, ort_outputs(onnx_tmp, feeds, tasks), specs, opts.tolerance)
             del ref, feeds
             log = _logger.info if parity.passed else _logger.error
             log("verification (ONNX Runtime CPU vs PyTorch):\n%s", parity.markdown())
@@ -293,42 +337,53 @@ def run_export(
                     "onnxscript and onnxruntime versions (pip list). To inspect the graph anyway, re-run with "
                     "--no-verify (its manifest then records that it was not verified)."
                 )
-        import onnx
+        with timer.phase("write"):
+            manifest = _export_manifest(onnx_tmp, staging, out, cfg, tasks, opts, parent, simplified, len(sites),
+                                        parity, work_external and not final_external, timer)
+            manifest.save(manifest_path_for(onnx_tmp))
+            publish(staging, out, list(manifest.external_data), error_cls=ExportError)
+    return ExportResult(out, manifest_path_for(out), manifest, parity, dict(timer.seconds))
 
-        proto = onnx.load(str(onnx_tmp), load_external_data=False)
-        census = op_census(proto)
-        del proto
-        if work_external and not final_external:
-            _inline_weights(onnx_tmp)
-        data_files = external_data_files(onnx_tmp)
-        size = onnx_tmp.stat().st_size + sum((staging / d).stat().st_size for d in data_files)
-        inputs, outputs = io_for_config(cfg, "batch" if dynamic_batch else batch, tasks)
-        manifest = Manifest(
-            artifact=out.name,
-            kind="onnx",
-            precision="fp32",
-            config=cfg.to_dict(),
-            inputs=inputs,
-            outputs=outputs,
-            preprocessing=Preprocessing(size=tuple(cfg.image_size), mode=preprocess_mode),
-            sha256=sha256_file(onnx_tmp),
-            size_bytes=size,
-            external_data=tuple(data_files),
-            parent=parent_record("checkpoint", ckpt_path, out.parent, ckpt_sha),
-            export={
-                "exporter": "torch.onnx (dynamo)",
-                "opset": opset,
-                "batch": "dynamic" if dynamic_batch else batch,
-                "tasks": list(tasks),
-                "simplified": simplified,
-                "op_census": census,
-                "resize_nodes": len(sites),
-            },
-            verification=parity.to_dict() if parity else None,
-            versions=tool_versions("onnx", "onnxruntime", "onnxscript", "onnxslim"),
-            command=command or " ".join(sys.argv),
-            created=now_iso(),
-        )
-        manifest.save(manifest_path_for(onnx_tmp))
-        publish(staging, out, data_files, error_cls=ExportError)
-    return ExportResult(out, manifest_path_for(out), manifest, parity)
+
+def _export_manifest(onnx_tmp: Path, staging: Path, out: Path, cfg, tasks: tuple[str, ...], opts: ExportOptions,
+                     parent: Optional[dict], simplified: Optional[dict], resize_nodes: int, parity,
+                     inline: bool, timer: PhaseTimer) -> Manifest:
+    """The FP32 ONNX's manifest (after putting the weights back into the file when they were only external for the
+    processing)."""
+    import onnx
+
+    proto = onnx.load(str(onnx_tmp), load_external_data=False)
+    census = op_census(proto)
+    del proto
+    if inline:
+        _inline_weights(onnx_tmp)
+    data_files = external_data_files(onnx_tmp)
+    size = onnx_tmp.stat().st_size + sum((staging / d).stat().st_size for d in data_files)
+    inputs, outputs = io_for_config(cfg, "batch" if opts.dynamic_batch else opts.batch, tasks)
+    return Manifest(
+        artifact=out.name,
+        kind="onnx",
+        precision="fp32",
+        config=cfg.to_dict(),
+        inputs=inputs,
+        outputs=outputs,
+        preprocessing=Preprocessing(size=tuple(cfg.image_size), mode=opts.preprocess_mode),
+        sha256=sha256_file(onnx_tmp),
+        size_bytes=size,
+        external_data=tuple(data_files),
+        parent=parent,
+        export={
+            "exporter": "torch.onnx (dynamo)",
+            "opset": opts.opset,
+            "batch": "dynamic" if opts.dynamic_batch else opts.batch,
+            "tasks": list(tasks),
+            "simplified": simplified,
+            "op_census": census,
+            "resize_nodes": resize_nodes,
+        },
+        verification=parity.to_dict() if parity else None,
+        versions=tool_versions("onnx", "onnxruntime", "onnxscript", "onnxslim"),
+        command=opts.command or " ".join(sys.argv),
+        created=now_iso(),
+        timings=timer.to_dict(),
+    )

@@ -236,7 +236,7 @@ class InvPT(nn.Module):
                 "sizes are fixed at build time; pad or resize the image to the model size "
                 "(invpt.data.transforms.preprocess does this)."
             )
-        out_tasks = self._resolve_tasks(tasks)
+        out_tasks = self.resolve_tasks(tasks)
         tap_a, tap_b, final = self.encode(x)
         features, inter_preds = self.multi_task_decoder(tap_a, tap_b, final, out_tasks)
         out: dict = {name: resize_bilinear(self.heads[name](features[name]), size) for name in out_tasks}
@@ -244,7 +244,8 @@ class InvPT(nn.Module):
             out["inter_preds"] = {name: resize_bilinear(p, size) for name, p in inter_preds.items()}
         return out
 
-    def _resolve_tasks(self, tasks: Optional[Sequence[str]]) -> tuple[str, ...]:
+    def resolve_tasks(self, tasks: Optional[Sequence[str]]) -> tuple[str, ...]:
+        """``tasks`` (any order) in the official task order; None means every task. Unknown or empty: ConfigError."""
         if tasks is None:
             return self.tasks
         unknown = [t for t in tasks if t not in self.tasks]

@@ -276,9 +276,9 @@ class PyTorchRunner(Runner):
                 raise InputError(f"PyTorch runner: autocast {autocast} runs on CUDA only; on {device} the reference is "
                                  "FP32 (leave autocast out).")
         cfg = getattr(model, "cfg", None)
-        if cfg is None or not hasattr(model, "_resolve_tasks"):
+        if cfg is None or not hasattr(model, "resolve_tasks"):
             raise InputError(f"PyTorch runner takes an InvPT model (invpt.load_model), got {type(model).__name__}.")
-        resolved = tuple(model._resolve_tasks(tasks))  # ConfigError naming the model's tasks for an unknown one
+        resolved = tuple(model.resolve_tasks(tasks))  # ConfigError naming the model's tasks for an unknown one
         precision = "fp32" if autocast is None else ("fp16" if _AUTOCAST[str(autocast)] == "float16" else "bf16")
         super().__init__(str(dev), precision, resolved, name)
         self.model = model

@@ -314,3 +314,28 @@ def test_letterbox_preprocessing_is_recorded(tiny_pascal_official_ckpt, tmp_path
     assert Manifest.load(res.manifest_path).preprocessing.mode == "letterbox"
     with pytest.raises(InputError, match="pad, resize, letterbox"):
         run_export(tiny_pascal_official_ckpt, tmp_path / "x.onnx", preprocess_mode="fit", verify=False)
+
+
+def test_export_model_from_memory_records_no_parent_and_its_phase_times(tiny_pascal, tmp_path):
+    """A model held in memory (training) exports without a checkpoint file; the phase timer lands in the manifest."""
+    from invpt.export.pipeline import ExportOptions, export_model
+
+    res = export_model(tiny_pascal, tmp_path / "mem.onnx", ExportOptions(tasks=("semseg",), dynamic_batch=True))
+    m = Manifest.load(res.manifest_path)
+    assert res.parity.passed and m.parent is None and [o.name for o in m.outputs] == ["semseg"]
+    # The manifest is written inside the last phase ("write"), so it records every phase before that one.
+    assert m.timings["seconds"] == {k: v for k, v in res.timings.items() if k != "write_s"}
+    assert {"torch_onnx_export_s", "graph_checks_s", "verification_onnxruntime_s", "write_s"} <= set(res.timings)
+    assert sha256_file(res.onnx_path) == m.sha256
+
+
+def test_every_export_flag_reaches_the_options(tmp_path):
+    from invpt.export.cli import build_parser, options_from_args
+
+    args = build_parser().parse_args(["--ckpt", "c.pth", "--opset", "20", "--dynamic-batch", "--tasks", "sal, edge",
+                                      "--no-verify", "--simplify", "--external-data", "always",
+                                      "--preprocess", "letterbox"])
+    o = options_from_args(args)
+    assert (o.opset, o.dynamic_batch, o.tasks, o.verify, o.simplify, o.external_data, o.preprocess_mode) == \
+        (20, True, ("sal", "edge"), False, True, "always", "letterbox")
+    assert o.command.startswith("invpt-export")

@@ -197,7 +197,7 @@ def _run(args: argparse.Namespace) -> int:
         model = invpt.build_model(cfg).eval().to(device)
     else:
         model = invpt.load_model(args.ckpt, config=cfg, device=device)
-    tasks = model._resolve_tasks(wanted)
+    tasks = model.resolve_tasks(wanted)
     specs = {t.name: t for t in model.cfg.task_specs}
     names = [_OVERVIEW] + [n for t in tasks for n in _output_names(t, specs[t].kind, args.save_raw)]
     _check_outputs_outside_inputs(out_dir, images, args.inputs, names)
