@@ -261,10 +261,11 @@ def run_export(ckpt: str | os.PathLike, out: str | os.PathLike, opts: Optional[E
             load_config(config)  # a bad preset name or YAML fails here, before the checkpoint is read
         ckpt_sha = sha256_file(ckpt_path)  # before loading: what the manifest records is what was loaded
     with timer.phase("load_checkpoint"):
-        model = load_model(ckpt_path, config=config, fused_attn=False)  # memory-mapped: seconds, even for ViT-L
+        # Held only in this one-element list, which export_model empties: it then holds the only reference and can
+        # free the model before ONNX Runtime opens (no local name here keeps it alive).
+        holder = [load_model(ckpt_path, config=config, fused_attn=False)]  # memory-mapped: seconds, even for ViT-L
     parent = parent_record("checkpoint", ckpt_path, out.parent, ckpt_sha)
-    # export_model holds the only reference from here on, so it can free the model before ONNX Runtime opens.
-    return export_model([model], out, opts, parent=parent, timer=timer, source=str(ckpt))
+    return export_model(holder, out, opts, parent=parent, timer=timer, source=str(ckpt))
 
 
 def export_model(model, out: str | os.PathLike, opts: Optional[ExportOptions] = None, *,
