@@ -6,7 +6,7 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-from invpt.cli.common import Stopwatch, add_logging_args, run_main
+from invpt.cli.common import Stopwatch, add_logging_args, add_provider_arg, run_main
 
 _logger = logging.getLogger("invpt.runtime")
 
@@ -44,9 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: its own)")
     p.add_argument("--cuda-graph", action="store_true", help="also time each engine replaying a CUDA graph")
     p.add_argument("--out", default="bench", help="report folder (default ./bench)")
-    p.add_argument("--provider", default="cpu",
-                   help="ONNX Runtime execution provider for ONNX files: cpu (default), cuda or tensorrt (when the "
-                   "installed onnxruntime has it; else exit 2 naming the ones it has)")
+    add_provider_arg(p)
     add_logging_args(p)
     return p
 

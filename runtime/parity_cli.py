@@ -6,7 +6,7 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-from invpt.cli.common import Stopwatch, add_logging_args, run_main
+from invpt.cli.common import Stopwatch, add_logging_args, add_provider_arg, run_main
 
 _logger = logging.getLogger("invpt.runtime")
 
@@ -42,9 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--visual-samples", type=int, default=2, help="images shown in each visual diff PNG (default 2)")
     p.add_argument("--out", default="parity", help="report folder (default ./parity)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random inputs without --data (default 0)")
-    p.add_argument("--provider", default="cpu",
-                   help="ONNX Runtime execution provider for ONNX files: cpu (default), cuda or tensorrt (when the "
-                   "installed onnxruntime has it; else exit 2 naming the ones it has)")
+    add_provider_arg(p)
     add_logging_args(p)
     return p
 

@@ -168,6 +168,13 @@ def _log_traceback(err: BaseException, to_stderr: bool, note: str) -> None:
             h.handle(record)
 
 
+def add_provider_arg(parser: argparse.ArgumentParser) -> None:
+    """Add --provider: the ONNX Runtime execution provider the runtime commands run ONNX files with."""
+    parser.add_argument("--provider", default="cpu",
+                        help="ONNX Runtime execution provider for ONNX files: cpu (default), cuda or tensorrt (when "
+                        "the installed onnxruntime has it; else exit 2 naming the ones it has)")
+
+
 def run_main(fn: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> int:
     """Parse ``argv``, set up logging, run ``fn(args)``; map InvptError to its exit code with one message.
 
