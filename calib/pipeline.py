@@ -141,7 +141,7 @@ def _load_reference_model(manifest: Manifest, manifest_file: Path, ckpt: Optiona
 
     if ckpt is not None:
         return load_model(ckpt, config=manifest.config, fused_attn=False)
-    verified = (manifest.verification or {}).get("passed") is True
+    verified = manifest.verified
     _logger.info("checkpoint not available; the reference is the FP32 ONNX (%s)",
                  "verified against PyTorch at export" if verified else
                  "NOT verified against PyTorch at export: it was exported with --no-verify")
@@ -155,7 +155,7 @@ def _reference_runner(manifest: Manifest, manifest_file: Path, ckpt: Optional[Pa
     model = _load_reference_model(manifest, manifest_file, ckpt)
     if model is not None:
         return PyTorchRunner(model, tasks, name=REFERENCE_PYTORCH)
-    verified = (manifest.verification or {}).get("passed") is True
+    verified = manifest.verified
     return OnnxRuntimeRunner(fp32_onnx, tasks=tasks, error_cls=ExportError,
                              name=REFERENCE_ONNX_VERIFIED if verified else REFERENCE_ONNX_UNVERIFIED)
 

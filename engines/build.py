@@ -161,20 +161,21 @@ def _reusable_precision_onnx(path: Path, src_sha: str, precision: str, calib_dat
                              calib_samples: int) -> tuple[Optional[Manifest], str]:
     """(manifest, "") when ``path`` is a verified precision ONNX made from ``src_sha`` with the default policy."""
     man = verified_manifest(path, InputError, what="Existing precision ONNX")
-    pol = man.precision_policy or {}
+    pol = man.precision_policy
     why = []
     if man.kind != "onnx" or man.precision != precision:
         why.append(f"it is a {man.precision} {man.kind}")
     if (man.parent or {}).get("sha256") != src_sha:
         why.append("it was made from another FP32 ONNX (parent sha256 differs)")
-    if pol.get("name") != "default" or list(pol.get("keep_terms", [])) != _default_policy_terms(precision):
-        why.append(f"it uses policy '{pol.get('name')}' with terms {pol.get('keep_terms')}, not the default policy")
-    if not (man.verification or {}).get("passed"):
+    if pol is None or pol.name != "default" or list(pol.keep_terms) != _default_policy_terms(precision):
+        why.append(f"it uses policy '{pol and pol.name}' with terms {pol and list(pol.keep_terms)}, not the default "
+                   "policy")
+    if not man.verified:
         why.append("its parity verification did not run or did not pass")
     if precision == "int8" and calib_data is not None:
-        cal = man.calibration or {}
-        if os.path.abspath(str(cal.get("source", ""))) != os.path.abspath(calib_data) or cal.get("num_samples") != calib_samples:
-            why.append(f"it was calibrated on {cal.get('source')} ({cal.get('num_samples')} samples)")
+        cal = man.calibration
+        if cal is None or os.path.abspath(cal.source) != os.path.abspath(calib_data) or cal.num_samples != calib_samples:
+            why.append(f"it was calibrated on {cal and cal.source} ({cal and cal.num_samples} samples)")
     return (None, "; ".join(why)) if why else (man, "")
 
 
@@ -441,8 +442,8 @@ def inspect_engine(backend: Backend, plan_path: Path) -> dict[str, Any]:
 
 
 def engine_build_info(manifest: Manifest) -> dict[str, Any]:
-    """The ``build`` section of an engine manifest (a typed field where the Manifest has one, else ``export.build``)."""
-    return manifest.build or {}
+    """The ``build`` section of an engine manifest as its JSON dict (empty when the manifest has none)."""
+    return manifest.build.to_dict() if manifest.build is not None else {}
 
 
 def _peak_rss_bytes() -> int:
@@ -613,7 +614,7 @@ def run_build(
                              "command ran them",
         }
         verification = {"precision_check": report, "engine_inspector": inspector,
-                        "onnx_verification_passed": (man.verification or {}).get("passed")}
+                        "onnx_verification_passed": man.verified}
         extra = {"build": build}
         engine_man = man.replace(
             artifact=out_p.name, kind="engine", precision=precision, sha256=plan_sha, size_bytes=plan_size,

@@ -34,9 +34,9 @@ _MANIFEST_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "i
 
 def _kept_nodes(manifest: Manifest, onnx_path: Path, precision: str) -> tuple[set[str], str]:
     """The nodes the ONNX's policy keeps in high precision, and the policy's name."""
-    pol = manifest.precision_policy or {}
-    if "kept_nodes" in pol:
-        return set(pol["kept_nodes"]), str(pol.get("name", "?"))
+    pol = manifest.precision_policy
+    if pol is not None and "kept_nodes" in pol:  # recorded (an empty list included)
+        return set(pol.kept_nodes), pol.name or "?"
     from invpt.calib.policy import select_nodes
 
     cfg = manifest.model_config
@@ -117,7 +117,7 @@ def check_precision(summary: NetworkSummary, manifest: Manifest, onnx_path: Path
     elif precision == "int8":
         kept, policy = _kept_nodes(manifest, onnx_path, precision)
         q_nodes, dq_nodes, consumers, fed, half = _onnx_qdq(onnx_path)
-        audit = (manifest.precision_policy or {}).get("graph", {})
+        audit = manifest.precision_policy.graph if manifest.precision_policy else {}
         report.update(policy=policy, onnx_quantize_linear=len(q_nodes), onnx_dequantize_linear=len(dq_nodes),
                       onnx_quantized_nodes=len(fed))
         for what, have, key in (("QuantizeLinear", len(q_nodes), "quantize_linear"),

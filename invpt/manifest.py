@@ -21,7 +21,8 @@ import sys
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Optional
+from collections.abc import Mapping
+from typing import Any, ClassVar, Optional, Union, get_args, get_origin, get_type_hints
 
 from invpt.config import InvPTConfig, load_config
 from invpt.errors import ManifestError
@@ -56,6 +57,217 @@ class Preprocessing:
     pad_value: float = 0.0  # after normalisation (= the mean colour)
 
 
+# ---- typed sections ------------------------------------------------------------------------------------------------
+# Each stage writes one section. A section is a frozen dataclass whose fields are the keys that stage writes, typed
+# and checked when a manifest is read (a string where a number belongs is refused, naming the section and field).
+# Keys a newer invpt of the same schema version adds are kept in ``extra`` and written back unchanged. A section is
+# also a read-only Mapping over its JSON form (``section["key"]``, ``section.get("key")``), so code and C++ readers
+# that treat the JSON as a dict see exactly what is in the file. Only fields that differ from their default are
+# written, so an empty section round-trips to ``{}``.
+
+
+def _check_type(value: Any, hint: Any, where: str) -> Any:
+    """``value`` checked against a simple annotation (str, int, float, bool, tuple[...], dict, Optional/Union)."""
+    origin = get_origin(hint)
+    if hint is Any:
+        return value
+    if origin is Union:
+        args = get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_type(value, arg, where)
+            except ManifestError as err:
+                errors.append(err)
+        raise errors[0] if errors else ManifestError(f"{where} must not be null")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ManifestError(f"{where} must be a list, not {type(value).__name__} ({value!r:.60})")
+        return tuple(value)
+    if origin is dict or hint is dict:
+        if not isinstance(value, Mapping):
+            raise ManifestError(f"{where} must be an object, not {type(value).__name__} ({value!r:.60})")
+        return dict(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ManifestError(f"{where} must be true or false, not {value!r:.60}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ManifestError(f"{where} must be an integer, not {value!r:.60}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ManifestError(f"{where} must be a number, not {value!r:.60}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ManifestError(f"{where} must be a string, not {value!r:.60}")
+        return value
+    return value
+
+
+class Section(Mapping):
+    """Base of the typed manifest sections (see the comment above)."""
+
+    NAME: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        hints = get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            if f.name == "extra":
+                continue
+            value = getattr(self, f.name)
+            checked = _check_type(value, hints[f.name], f"manifest section '{self.NAME}' field '{f.name}'")
+            object.__setattr__(self, f.name, checked)
+        if not isinstance(self.extra, Mapping):  # type: ignore[attr-defined]
+            raise ManifestError(f"manifest section '{self.NAME}': extra keys must be an object")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | "Section") -> "Section":
+        """A section from its JSON form; unknown keys go to ``extra``."""
+        if isinstance(d, cls):
+            return d
+        if isinstance(d, Section) or not isinstance(d, Mapping):
+            raise ManifestError(f"manifest section '{cls.NAME}' must be an object, not {type(d).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        known = {k: v for k, v in d.items() if k in names}
+        extra = {k: v for k, v in d.items() if k not in names}
+        extra.update(d.get("extra", {}) if isinstance(d.get("extra"), Mapping) else {})
+        return cls(**known, extra=extra)  # type: ignore[call-arg]
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if f.name == "extra":
+                continue
+            value = getattr(self, f.name)
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if value != default:
+                out[f.name] = value
+        out.update(self.extra)  # type: ignore[attr-defined]
+        return json.loads(json.dumps(out))
+
+    # read-only Mapping over the JSON form
+    def __getitem__(self, key: str) -> Any:
+        return self.to_dict()[key]
+
+    def __iter__(self):
+        return iter(self.to_dict())
+
+    def __len__(self) -> int:
+        return len(self.to_dict())
+
+    __hash__ = None  # type: ignore[assignment]  # dicts inside: not hashable
+
+
+@dataclass(frozen=True, eq=True)
+class ExportSection(Section):
+    """How ``invpt-export`` made the ONNX file."""
+
+    NAME: ClassVar[str] = "export"
+    exporter: str = ""
+    opset: Optional[int] = None
+    batch: Union[int, str, None] = None  # an int, or "dynamic"
+    tasks: tuple[str, ...] = ()
+    simplified: Optional[dict[str, Any]] = None  # onnxslim: applied, nodes before/after; None when not run
+    op_census: dict[str, int] = field(default_factory=dict)
+    resize_nodes: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, eq=True)
+class PrecisionPolicySection(Section):
+    """Which nodes ``invpt-quantize`` kept in FP32 and why (the policy, its terms, the graph audit)."""
+
+    NAME: ClassVar[str] = "precision_policy"
+    name: str = ""
+    description: str = ""
+    keep_terms: tuple[str, ...] = ()
+    keep_op_types: tuple[str, ...] = ()
+    kept_node_counts: dict[str, int] = field(default_factory=dict)
+    kept_nodes: tuple[str, ...] = ()
+    graph: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, eq=True)
+class CalibrationSection(Section):
+    """Where the INT8 calibration samples came from: source, ids, seed, counts, padding share, cache key, method."""
+
+    NAME: ClassVar[str] = "calibration"
+    method: str = ""
+    tool: str = ""
+    per_node: Optional[bool] = None
+    source: str = ""
+    source_kind: str = ""
+    split: Optional[str] = None
+    description: str = ""
+    seed: Optional[int] = None
+    num_samples: Optional[int] = None
+    holdout_samples: Optional[int] = None
+    sample_ids: tuple[str, ...] = ()
+    sample_list_sha256: str = ""
+    holdout_list_sha256: str = ""
+    content_fraction: dict[str, Any] = field(default_factory=dict)
+    holdout_redrawn: Any = None
+    preprocessing_mode: str = ""
+    scaled_images: dict[str, int] = field(default_factory=dict)  # images scaled down (letterbox), per set
+    cache_key: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, eq=True)
+class VerificationSection(Section):
+    """Parity of the artifact against its reference (ONNX) or the pre-build precision check (engines)."""
+
+    NAME: ClassVar[str] = "verification"
+    passed: Optional[bool] = None
+    reference: str = ""
+    backend: str = ""
+    samples: Optional[int] = None
+    tolerance: dict[str, Any] = field(default_factory=dict)
+    tasks: dict[str, Any] = field(default_factory=dict)
+    task_agreement: Optional[dict[str, Any]] = None
+    inputs: Any = None
+    holdout_ids: tuple[str, ...] = ()
+    precision_check: Optional[dict[str, Any]] = None  # engines: the pre-build network precision check
+    engine_inspector: Optional[dict[str, Any]] = None
+    onnx_verification_passed: Optional[bool] = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, eq=True)
+class BuildSection(Section):
+    """How an engine was built: backend and version, targets, profile shapes, options, plan facts, timings."""
+
+    NAME: ClassVar[str] = "build"
+    backend: str = ""
+    backend_name: str = ""
+    backend_version: str = ""
+    strongly_typed: Optional[bool] = None
+    targets: dict[str, Any] = field(default_factory=dict)
+    profile_shapes: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
+    source_onnx: dict[str, Any] = field(default_factory=dict)
+    prepared: dict[str, Any] = field(default_factory=dict)
+    plan: dict[str, Any] = field(default_factory=dict)
+    timings_s: dict[str, float] = field(default_factory=dict)
+    peak_rss_bytes: Optional[int] = None
+    peak_rss_before_build_bytes: Optional[int] = None
+    peak_rss_note: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+SECTIONS: dict[str, type[Section]] = {
+    cls.NAME: cls for cls in (ExportSection, PrecisionPolicySection, CalibrationSection, VerificationSection, BuildSection)
+}
+
+
 @dataclass(frozen=True)
 class Manifest:
     """Description of one artifact (an ONNX file or an engine). Written as JSON next to it."""
@@ -71,11 +283,12 @@ class Manifest:
     size_bytes: int = 0
     external_data: tuple[str, ...] = ()
     parent: Optional[dict[str, str]] = None  # {"path": ..., "sha256": ..., "kind": "checkpoint"|"onnx"}
-    export: dict[str, Any] = field(default_factory=dict)
-    precision_policy: Optional[dict[str, Any]] = None
-    calibration: Optional[dict[str, Any]] = None
-    verification: Optional[dict[str, Any]] = None
-    build: Optional[dict[str, Any]] = None  # engines: backend and version, targets, profile shapes, options, timings
+    # Typed sections (a plain dict given here is converted; see Section).
+    export: ExportSection = field(default_factory=ExportSection)
+    precision_policy: Optional[PrecisionPolicySection] = None
+    calibration: Optional[CalibrationSection] = None
+    verification: Optional[VerificationSection] = None
+    build: Optional[BuildSection] = None  # engines
     timings: Optional[dict[str, Any]] = None  # the stage's PhaseTimer: seconds and peak RSS per phase
     versions: dict[str, str] = field(default_factory=dict)
     command: str = ""
@@ -83,10 +296,22 @@ class Manifest:
     schema: str = SCHEMA
     schema_version: int = SCHEMA_VERSION
 
+    def __post_init__(self) -> None:
+        for name, cls in SECTIONS.items():
+            value = getattr(self, name)
+            if value is None and name != "export":
+                continue
+            object.__setattr__(self, name, cls.from_dict(value if value is not None else {}))
+
     # ---- convenience -------------------------------------------------------------------------
     @property
     def model_config(self) -> InvPTConfig:
         return load_config(self.config)
+
+    @property
+    def verified(self) -> bool:
+        """True only when the artifact's verification ran and passed."""
+        return self.verification is not None and self.verification.passed is True
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -115,7 +340,17 @@ class Manifest:
 
     # ---- JSON ----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Section):
+                value = value.to_dict()
+            elif dataclasses.is_dataclass(value):
+                value = dataclasses.asdict(value)
+            elif isinstance(value, tuple):
+                value = [dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for v in value]
+            out[f.name] = value
+        return json.loads(json.dumps(out))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -142,6 +377,8 @@ class Manifest:
             return cls(**{k: v for k, v in d.items() if k in known})
         except (KeyError, TypeError) as err:
             raise ManifestError(f"{source} is missing or has malformed field {err}; regenerate it with invpt-export.") from err
+        except ManifestError as err:
+            raise ManifestError(f"{source}: {err}; regenerate it with the stage that wrote it.") from err
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write atomically (temporary file, then rename)."""

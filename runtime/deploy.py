@@ -118,23 +118,22 @@ def _reusable(path: Path, precision: str, parent_sha: str, kind: str = "onnx",
     if man.kind != kind or man.precision != precision:
         raise _refuse(path, f"it is a {man.precision} {man.kind}, not a {precision} {kind}")
     if kind == "engine":
-        src_sha = ((man.build or {}).get("source_onnx") or {}).get("sha256")
+        src_sha = man.build.source_onnx.get("sha256") if man.build is not None else None
         if src_sha != parent_sha:
             raise _refuse(path, "it was built from another ONNX (source sha256 differs)")
     else:
         if (man.parent or {}).get("sha256") != parent_sha:
             raise _refuse(path, "it was made from another parent (parent sha256 differs)")
-        if not (man.verification or {}).get("passed"):
+        if not man.verified:
             raise _refuse(path, "its verification did not run or did not pass")
-        if precision != "fp32" and (man.precision_policy or {}).get("name") != "default":
-            raise _refuse(path, f"it uses precision policy '{(man.precision_policy or {}).get('name')}', not the "
-                          "default one invpt-deploy makes")
+        policy = man.precision_policy.name if man.precision_policy is not None else None
+        if precision != "fp32" and policy != "default":
+            raise _refuse(path, f"it uses precision policy '{policy}', not the default one invpt-deploy makes")
         if calibration is not None:
-            cal = man.calibration or {}
+            cal = man.calibration
             source, samples = calibration
-            if os.path.abspath(str(cal.get("source", ""))) != os.path.abspath(source) or \
-                    cal.get("num_samples") != samples:
-                raise _refuse(path, f"it was calibrated on {cal.get('source')} ({cal.get('num_samples')} samples), "
+            if cal is None or os.path.abspath(cal.source) != os.path.abspath(source) or cal.num_samples != samples:
+                raise _refuse(path, f"it was calibrated on {cal and cal.source} ({cal and cal.num_samples} samples), "
                               f"not {source} ({samples})")
     return man
 

@@ -35,12 +35,12 @@ CLI_TOOLS = {"tensorrt": "trtexec", "tensorrt_rtx": "tensorrt_rtx"}
 
 def engine_backend_module(manifest: Manifest) -> str:
     """The TensorRT module an engine was built with (``tensorrt`` or ``tensorrt_rtx``), from its manifest."""
-    return str((manifest.build or {}).get("backend") or "tensorrt")
+    return (manifest.build.backend if manifest.build is not None else "") or "tensorrt"
 
 
 def engine_batch_range(manifest: Manifest) -> Optional[tuple[int, int]]:
     """(min, max) batch of the engine's optimisation profile (first input), or None when the manifest has none."""
-    shapes = (manifest.build or {}).get("profile_shapes") or {}
+    shapes = manifest.build.profile_shapes if manifest.build is not None else {}
     if not shapes:
         return None
     first = next(iter(shapes.values()))

@@ -47,3 +47,44 @@ def test_manifest_names_never_collide_across_kinds():
     manifests = [manifest_path_for(n).name for n in names]
     assert len(set(manifests)) == len(names), manifests
     assert manifest_path_for("m.onnx").name == "m.json" and manifest_path_for("m.fp16.plan").name == "m.fp16.plan.json"
+
+
+def test_sections_are_typed_and_round_trip(tmp_path):
+    from invpt.manifest import BuildSection, CalibrationSection, ExportSection, VerificationSection
+
+    m = _manifest(export={"exporter": "torch.onnx (dynamo)", "opset": 18, "batch": "dynamic", "tasks": ["semseg"]},
+                  calibration={"method": "entropy", "sample_ids": ["a", "b"], "seed": 0, "future_key": {"x": 1}},
+                  verification={"passed": False, "samples": 2},
+                  build={"backend": "tensorrt_rtx", "timings_s": {"build_s": 1.5}})
+    assert isinstance(m.export, ExportSection) and m.export.opset == 18 and m.export.tasks == ("semseg",)
+    assert isinstance(m.calibration, CalibrationSection) and m.calibration.sample_ids == ("a", "b")
+    assert isinstance(m.verification, VerificationSection) and m.verification.passed is False
+    assert isinstance(m.build, BuildSection) and m.build.timings_s == {"build_s": 1.5}
+    # a key this invpt does not know (written by a newer one of the same schema version) survives a round trip
+    assert m.calibration.extra == {"future_key": {"x": 1}}
+    back = Manifest.load(m.save(tmp_path / "m.fp16.plan.json"))
+    assert back == m
+    d = json.loads((tmp_path / "m.fp16.plan.json").read_text())
+    assert d["calibration"] == {"method": "entropy", "sample_ids": ["a", "b"], "seed": 0, "future_key": {"x": 1}}
+    assert d["verification"] == {"passed": False, "samples": 2}  # only what was set is written
+    # the JSON view: a section reads like the dict in the file
+    assert m.calibration["sample_ids"] == ["a", "b"] and m.build.get("backend") == "tensorrt_rtx"
+    assert dict(m.verification) == {"passed": False, "samples": 2}
+    assert _manifest().to_dict()["export"] == {} and _manifest().to_dict()["build"] is None
+
+
+@pytest.mark.parametrize("section, value, fragment", [
+    ("verification", {"passed": "yes"}, "'verification' field 'passed' must be true or false"),
+    ("export", {"opset": "18"}, "'export' field 'opset' must be an integer"),
+    ("calibration", {"sample_ids": "a,b"}, "'calibration' field 'sample_ids' must be a list"),
+    ("build", {"profile_shapes": [1, 2]}, "'build' field 'profile_shapes' must be an object"),
+    ("build", "tensorrt", "section 'build' must be an object"),
+])
+def test_a_malformed_section_is_refused_naming_it(tmp_path, section, value, fragment):
+    d = _manifest().to_dict()
+    d[section] = value
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps(d))
+    with pytest.raises(ManifestError, match=fragment) as info:
+        Manifest.load(path)
+    assert str(path) in str(info.value)
