@@ -5,6 +5,13 @@
 - :mod:`invpt.data.decode`: raw outputs to per-task maps (numpy only, for torch, ORT and TensorRT alike).
 - :mod:`invpt.data.visualize`: colour visuals, the side-by-side overview and atomic PNG writing.
 - :mod:`invpt.data.datasets`: the official split readers, image folders and videos behind one interface.
+- :mod:`invpt.data.labels`: every task's ground truth of the official splits in upstream's encodings (training,
+  evaluation).
+- :mod:`invpt.data.train_transforms`: upstream's seeded training and evaluation transforms of multi-task samples.
+- :mod:`invpt.data.multitask`: the torch ``MultiTaskDataset`` over the official splits and its collate function.
+- :mod:`invpt.data.synthetic`: small synthetic datasets in the official layouts (``invpt-synth-data``).
+
+The last four are loaded on first use (they need torch or the ``train`` extra), so ``import invpt.data`` stays light.
 """
 from invpt.data.datasets import (
     VIDEO_EXTENSIONS,
@@ -58,6 +65,28 @@ from invpt.data.visualize import (
     visualize,
     voc_palette,
 )
+from invpt.lazy import lazy_face as _lazy_face
+
+#: Names loaded on first use (PEP 562), with the module that defines each.
+_LAZY = {
+    "IGNORE_INDEX": "invpt.data.labels",
+    "load_targets": "invpt.data.labels",
+    "edges_from_labelmap": "invpt.data.labels",
+    "NORMALS_VALID_CONTEXT_CLASSES": "invpt.data.labels",
+    "HUMAN_PART_IDS": "invpt.data.labels",
+    "Compose": "invpt.data.train_transforms",
+    "build_train_transforms": "invpt.data.train_transforms",
+    "build_eval_transforms": "invpt.data.train_transforms",
+    "MultiTaskDataset": "invpt.data.multitask",
+    "collate_multitask": "invpt.data.multitask",
+    "make_synthetic": "invpt.data.synthetic",
+}
+__getattr__, _lazy_dir = _lazy_face(__name__, _LAZY)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "GEOMETRY_MODES",

@@ -302,6 +302,11 @@ class SplitReader(FileListSource):
     SPLIT_DIR: str = ""
     #: task name -> candidate label paths relative to the root (first existing one wins), ``{id}`` substituted.
     LABELS: dict[str, tuple[str, ...]] = {}
+    #: task name -> further label files the task needs besides its own ``LABELS`` entry, each a tuple of candidates
+    #: (PASCAL-Context normals are masked with the pascal-context ``LabelMap``).
+    EXTRA_LABELS: dict[str, tuple[tuple[str, ...], ...]] = {}
+    #: the :data:`invpt.tasks.DATASETS` name of this dataset ("" for the base class).
+    KEY: str = ""
 
     def __init__(self, root: str | Path, split: str = "val") -> None:
         root = Path(root)
@@ -371,6 +376,76 @@ class SplitReader(FileListSource):
         """``{'id', 'image_path', 'labels': {task: path}}`` for sample ``i`` (only existing label files)."""
         return {"id": self._ids[i], "image_path": self._paths[i], "labels": self.label_paths(i)}
 
+    # ---- label files (training and evaluation) ---------------------------------------------------------------
+    @classmethod
+    def label_groups(cls, task: str) -> tuple[tuple[str, ...], ...]:
+        """Every file ``task`` needs for one sample: a tuple of candidate groups (first existing candidate wins).
+
+        Group 0 is the task's own file (``LABELS``); further groups are shared files it also reads
+        (``EXTRA_LABELS``).
+
+        Raises:
+            ConfigError: ``task`` has no labels in this dataset.
+        """
+        if task not in cls.LABELS:
+            raise ConfigError(
+                f"{cls.DATASET} has no labels for task {task!r}; its label tasks are {', '.join(cls.LABELS)}."
+            )
+        return (cls.LABELS[task],) + tuple(cls.EXTRA_LABELS.get(task, ()))
+
+    @classmethod
+    def label_layout(cls, tasks: Sequence[str] | None = None) -> str:
+        """The expected label layout of ``tasks`` (default: all) as one line for error messages."""
+        parts = []
+        for task in tasks if tasks is not None else list(cls.LABELS):
+            files = [
+                " or ".join(f"<root>/{c.replace('{id}', '<id>')}" for c in group) for group in cls.label_groups(task)
+            ]
+            parts.append(f"{task}: {' and '.join(files)}")
+        return f"{cls.DATASET} labels ({'; '.join(parts)}), where <root> is the {cls.DIR_NAME} directory"
+
+    def resolve_label(self, sample_id: str, candidates: Sequence[str]) -> Path | None:
+        """The first existing file of ``candidates`` for ``sample_id``, or None if none exists."""
+        for rel in candidates:
+            p = self.root / rel.format(id=sample_id)
+            if p.is_file():
+                return p
+        return None
+
+    def label_file(self, i: int, task: str, group: int = 0) -> Path:
+        """The existing file of label group ``group`` (see :meth:`label_groups`) of ``task`` for sample ``i``.
+
+        Raises:
+            InputError: no candidate of that group exists (names the file and the expected layout).
+            ConfigError: ``task`` has no labels in this dataset.
+        """
+        candidates = self.label_groups(task)[group]
+        found = self.resolve_label(self._ids[i], candidates)
+        if found is None:
+            expected = self.root / candidates[0].format(id=self._ids[i])
+            also = "" if len(candidates) == 1 else f" (nor its alternatives {', '.join(candidates[1:])})"
+            raise InputError(
+                f"{task} label file '{expected}'{also} of sample '{self._ids[i]}' does not exist. Expected "
+                f"{self.label_layout([task])}; check that the {self.DATASET} labels were extracted completely, or "
+                f"leave the task '{task}' out."
+            )
+        return found
+
+    def missing_label_files(self, tasks: Sequence[str]) -> list[Path]:
+        """For every sample and every file ``tasks`` need, the expected path of each one that does not exist."""
+        groups = {task: self.label_groups(task) for task in tasks}
+        missing: list[Path] = []
+        seen: set[Path] = set()
+        for sid in self._ids:
+            for task in tasks:
+                for candidates in groups[task]:
+                    if self.resolve_label(sid, candidates) is None:
+                        p = self.root / candidates[0].format(id=sid)
+                        if p not in seen:
+                            seen.add(p)
+                            missing.append(p)
+        return missing
+
     def strata(self, i: int) -> str:
         return _id_stratum(self._ids[i])
 
@@ -382,10 +457,12 @@ class PascalContextReader(SplitReader):
     """PASCAL-Context (``PASCALContext/``): ``JPEGImages/<id>.jpg``, ids in ``ImageSets/Context/<split>.txt``.
 
     Label files (spec §14): ``semseg`` (VOC12, else pascal-context PNG), ``human_parts`` (.mat), ``sal`` and
-    ``normals`` (distilled PNGs), ``edge`` (the pascal-context ``LabelMap`` .mat the edges are derived from).
+    ``normals`` (distilled PNGs), ``edge`` (the pascal-context ``LabelMap`` .mat the edges are derived from). The
+    normals also need that ``LabelMap``, which masks them to the valid classes (``EXTRA_LABELS``).
     """
 
     DATASET = "PASCAL-Context"
+    KEY = "pascal_context"
     DIR_NAME = "PASCALContext"
     IMAGE_DIR = "JPEGImages"
     IMAGE_EXT = ".jpg"
@@ -397,6 +474,7 @@ class PascalContextReader(SplitReader):
         "normals": ("normals_distill/{id}.png",),
         "edge": ("pascal-context/trainval/{id}.mat",),
     }
+    EXTRA_LABELS = {"normals": (("pascal-context/trainval/{id}.mat",),)}
 
 
 class NYUDReader(SplitReader):
@@ -407,6 +485,7 @@ class NYUDReader(SplitReader):
     """
 
     DATASET = "NYUD-v2"
+    KEY = "nyud_v2"
     DIR_NAME = "NYUDv2"
     IMAGE_DIR = "images"
     IMAGE_EXT = ".png"

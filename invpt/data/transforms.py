@@ -149,7 +149,7 @@ def normalize(
         InputError: the array is not ``HxWx3``.
     """
     _check_rgb(img, "normalize() input")
-    if img.dtype != np.uint8:
+    if img.dtype not in (np.uint8, np.float32):  # float32 0..255 is what the training transforms pass
         logger.debug("normalize() got dtype %s; treating values as 0..255", img.dtype)
     m = np.asarray(mean, dtype=np.float32).reshape(1, 1, 3)
     s = np.asarray(std, dtype=np.float32).reshape(1, 1, 3)
