@@ -209,8 +209,8 @@ def test_depth_metrics_by_hand():
     pred = torch.tensor([[[[1.5, 2.0, -1.0, 7.0, 3.0]]]])  # -1 is clamped to 0, then replaced by 1e-9
     m = DepthMeter()
     m.update(pred, gt)
-    g = np.array([1.0, 2.0, 4.0])
-    p = np.array([1.5, 2.0, 1e-9])
+    g = np.array([1.0, 2.0, 4.0, 1e-9])  # upstream: GT 0 (not 255) stays valid, replaced by 1e-9
+    p = np.array([1.5, 2.0, 1e-9, 3.0])
     s = m.score()
     assert s["rmse"] == pytest.approx(np.sqrt(np.mean((g - p) ** 2)), rel=1e-6)
     assert s["log_rmse"] == pytest.approx(np.sqrt(np.mean((np.log(g) - np.log(p)) ** 2)), rel=1e-5)

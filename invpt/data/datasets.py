@@ -372,6 +372,11 @@ class SplitReader(FileListSource):
                     break
         return found
 
+    def load(self, i: int) -> np.ndarray:
+        """Image ``i`` in its stored pixel orientation (EXIF orientation ignored, as upstream's PIL reader does), so
+        it stays aligned with its label maps."""
+        return read_image(self._paths[i], exif_orientation=False)
+
     def sample(self, i: int) -> dict[str, Any]:
         """``{'id', 'image_path', 'labels': {task: path}}`` for sample ``i`` (only existing label files)."""
         return {"id": self._ids[i], "image_path": self._paths[i], "labels": self.label_paths(i)}

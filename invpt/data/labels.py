@@ -353,14 +353,16 @@ def _image_hw(reader: SplitReader, i: int) -> tuple[int, int]:
 
 
 def _fit(arr: np.ndarray, hw: tuple[int, int], path: Path, task: str) -> np.ndarray:
-    """Resize a label to the image size with nearest neighbour, as upstream does, with a warning (rare: bad data)."""
+    """Resize a label to the image size as upstream's loaders do, with a warning (rare: bad data): bicubic for
+    normals, nearest neighbour for every other label."""
     if tuple(arr.shape[:2]) == hw:
         return arr
+    cubic = task == "normals"
     logger.warning(
-        "%s label '%s' is %dx%d but its image is %dx%d; resized with nearest neighbour as upstream does",
-        task, path, arr.shape[0], arr.shape[1], hw[0], hw[1],
+        "%s label '%s' is %dx%d but its image is %dx%d; resized with %s as upstream does",
+        task, path, arr.shape[0], arr.shape[1], hw[0], hw[1], "bicubic interpolation" if cubic else "nearest neighbour",
     )
-    out = cv2.resize(arr, (hw[1], hw[0]), interpolation=cv2.INTER_NEAREST)
+    out = cv2.resize(arr, (hw[1], hw[0]), interpolation=cv2.INTER_CUBIC if cubic else cv2.INTER_NEAREST)
     return out.reshape(hw + arr.shape[2:])
 
 
@@ -379,7 +381,8 @@ def load_targets(
         i: sample index.
         tasks: task names (each must have labels in the dataset).
         image_hw: the image size if already known (else read from the image header). Labels of another size are
-            resized to it with nearest neighbour and a warning, as upstream does.
+            resized to it with a warning, as upstream does: nearest neighbour, bicubic for normals (PASCAL edges
+            and the normals mask are derived from the LabelMap at its own size first).
         normals_valid_classes: pascal-context classes at which PASCAL normals are kept (default
             :data:`NORMALS_VALID_CONTEXT_CLASSES`).
 
@@ -404,9 +407,9 @@ def load_targets(
 
     def get_labelmap(task: str, group: int) -> tuple[np.ndarray, Path]:
         nonlocal labelmap, labelmap_path
-        if labelmap is None:
+        if labelmap is None:  # at its own size: upstream derives edges and the normals mask before any resize
             labelmap_path = reader.label_file(i, task, group)
-            labelmap = _fit(read_labelmap(labelmap_path), hw, labelmap_path, "pascal-context LabelMap")
+            labelmap = read_labelmap(labelmap_path)
         assert labelmap_path is not None
         return labelmap, labelmap_path
 
@@ -422,8 +425,11 @@ def load_targets(
             elif task == "sal":
                 value = read_saliency_png(path)
             elif task == "normals":
-                value = _fit(read_normals_png(path), hw, path, task)
-                lm, _ = get_labelmap(task, 1)
+                value = read_normals_png(path)
+                lm, lm_path = get_labelmap(task, 1)
+                # upstream masks at the PNG's own size (then resizes to the image); a LabelMap of another size,
+                # which would crash upstream's boolean indexing, is fitted to the PNG with nearest neighbour
+                lm = _fit(lm, tuple(value.shape[:2]), lm_path, "pascal-context LabelMap")
                 valid = np.isin(lm, np.asarray(
                     NORMALS_VALID_CONTEXT_CLASSES if normals_valid_classes is None else normals_valid_classes))
                 value = np.where(valid[:, :, None], value, np.float32(0.0)).astype(np.float32)

@@ -25,7 +25,6 @@ from invpt.config import ConfigLike, InvPTConfig, load_config
 from invpt.data.datasets import NYUDReader, PascalContextReader, SplitReader
 from invpt.data.labels import load_targets
 from invpt.data.train_transforms import build_eval_transforms, build_train_transforms
-from invpt.data.transforms import read_image
 from invpt.errors import ConfigError, InputError
 
 logger = logging.getLogger(__name__)
@@ -134,7 +133,7 @@ class MultiTaskDataset(torch.utils.data.Dataset):
         if not -len(self) <= i < len(self):
             raise IndexError(f"sample {i} out of range for {len(self)} samples")
         i = i % len(self)
-        image = read_image(self.reader.image_path(i))
+        image = self.reader.load(i)  # stored pixel orientation, as the labels (see SplitReader.load)
         hw = (int(image.shape[0]), int(image.shape[1]))
         sample: dict[str, Any] = {"image": image.astype(np.float32)}
         sample.update(load_targets(self.reader, i, self.tasks, image_hw=hw))

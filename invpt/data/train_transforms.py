@@ -81,7 +81,8 @@ class Compose:
 class RandomScaling:
     """Scale by ``s ~ U(min_scale, max_scale)``: image bilinear, labels nearest, depth divided by ``s``.
 
-    A nearer view of the same scene (``s > 1``) shows it at ``1/s`` of the distance, hence the depth division.
+    The new size is ``int(h * s) x int(w * s)`` (truncated, as upstream; at least 1). A nearer view of the same scene
+    (``s > 1``) shows it at ``1/s`` of the distance, hence the depth division.
     """
 
     def __init__(self, min_scale: float = 0.5, max_scale: float = 2.0) -> None:
@@ -92,7 +93,7 @@ class RandomScaling:
     def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
         s = float(rng.uniform(self.min_scale, self.max_scale))
         h, w = sample["image"].shape[:2]
-        hw = (max(1, int(round(h * s))), max(1, int(round(w * s))))
+        hw = (max(1, int(h * s)), max(1, int(w * s)))  # upstream truncates: int(x * scale)
         sample["image"] = cv2.resize(sample["image"], (hw[1], hw[0]), interpolation=cv2.INTER_LINEAR)
         for k in label_keys(sample):
             arr = _resize_nearest(sample[k], hw)
@@ -177,8 +178,9 @@ class PhotoMetricDistortion:
     """mmseg's photometric distortion of the image, each step with probability 1/2, values kept in 0..255.
 
     Order: brightness (``+U(-32, 32)``), then contrast (``xU(0.5, 1.5)``) either here or last (coin flip),
-    saturation (``xU(0.5, 1.5)`` in HSV), hue (``+randint(-18, 18)`` in OpenCV's 0..180 hue), [contrast]. As in mmseg,
-    each step works on 8-bit values (clipped, then truncated).
+    saturation (``xU(0.5, 1.5)`` in HSV), hue (an integer shift in ``[-18, 17]`` of OpenCV's 0..180 hue: upstream
+    draws ``random.randint(-hue_delta, hue_delta - 1)``, like mmseg's ``np.random.randint(-d, d)``), [contrast]. As in
+    mmseg, each step works on 8-bit values (clipped, then truncated).
     """
 
     def __init__(self, brightness_delta: int = 32, contrast_range: tuple[float, float] = (0.5, 1.5),
@@ -210,7 +212,7 @@ class PhotoMetricDistortion:
             img = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
         if rng.integers(2):
             hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
-            shift = int(rng.integers(-self.hue_delta, self.hue_delta + 1))
+            shift = int(rng.integers(-self.hue_delta, self.hue_delta))  # [-d, d - 1], as upstream
             hsv[:, :, 0] = ((hsv[:, :, 0].astype(np.int32) + shift) % 180).astype(np.uint8)
             img = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
         if not contrast_first:

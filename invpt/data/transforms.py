@@ -73,8 +73,12 @@ class PadInfo:
         return tuple(self.resized_hw) != tuple(self.original_hw)
 
 
-def read_image(path: str | Path) -> np.ndarray:
+def read_image(path: str | Path, exif_orientation: bool = True) -> np.ndarray:
     """Read an image file as an ``HxWx3`` uint8 **RGB** array.
+
+    ``exif_orientation``: rotate a JPEG as its EXIF orientation says (what a photo viewer shows, right for a
+    user's photos). The official dataset readers pass False: upstream decodes with PIL, which ignores the EXIF
+    orientation, and the label maps are aligned with the stored pixels.
 
     OpenCV decodes to BGR, so the channels are swapped here once; everything downstream assumes RGB as the
     official pipeline does (PIL). Grey images are expanded to 3 channels, an alpha channel is dropped and 16-bit
@@ -98,7 +102,8 @@ def read_image(path: str | Path) -> np.ndarray:
         raise InputError(
             f"Image '{p}' could not be read ({err}). Check the file permissions and that the disk is readable."
         ) from err
-    bgr = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    flags = cv2.IMREAD_COLOR if exif_orientation else cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+    bgr = cv2.imdecode(data, flags) if data.size else None
     if bgr is None:
         raise InputError(
             f"Image '{p}' ({data.size} bytes) could not be decoded as an image. Accepted formats are {accepted} "

@@ -81,9 +81,15 @@ def decode_saliency_torch(raw: torch.Tensor) -> torch.Tensor:
     return torch.softmax(raw.float(), dim=1)[:, 1] * 255.0 / 255.0
 
 
+def _boundary_255(x: torch.Tensor) -> torch.Tensor:
+    """``255 * sigmoid(x)`` with upstream's exact float32 arithmetic, ``255 / (1 + exp(-x))`` (its ``get_output``
+    writes ``255 * 1 / (1 + torch.exp(-x))``, evaluated left to right), so the uint8 PNGs truncate identically."""
+    return 255.0 / (1.0 + torch.exp(-x))
+
+
 def decode_boundary_torch(raw: torch.Tensor) -> torch.Tensor:
-    """Boundary probability ``[B,H,W]``: ``sigmoid``, round-tripped through ``x255 / 255`` like saliency."""
-    return torch.sigmoid(raw.float()[:, 0]) * 255.0 / 255.0
+    """Boundary probability ``[B,H,W]``: upstream's ``255 / (1 + exp(-x))`` divided by 255 (the EdgeMeter input)."""
+    return _boundary_255(raw.float()[:, 0]) / 255.0
 
 
 def decode_normals_torch(raw: torch.Tensor) -> torch.Tensor:
@@ -353,11 +359,12 @@ class NormalsMeter(Meter):
 
 
 class DepthMeter(Meter):
-    """Depth errors in metres over valid pixels (GT != 255 and GT > 0; the official pipeline already turned GT 0
-    into 255, so on such data this equals upstream's GT != 255).
+    """Depth errors in metres over valid pixels (GT != 255, as upstream; the official pipeline has already turned
+    GT 0 into 255).
 
-    The prediction is the official decoding (clamped at 0); predictions <= 0 become 1e-9 before the logs and
-    ratios. ``rmse = sqrt(sum (g - p)^2 / n)``, ``log_rmse = sqrt(sum (ln g - ln p)^2 / n)``,
+    The prediction is the official decoding (clamped at 0); predictions **and GT values** <= 0 become 1e-9 before
+    the logs and ratios (upstream's quirk: a GT 0 that was not turned into 255 counts, with depth 1e-9).
+    ``rmse = sqrt(sum (g - p)^2 / n)``, ``log_rmse = sqrt(sum (ln g - ln p)^2 / n)``,
     ``abs_rel = sum |g - p| / g / n``, ``sq_rel = sum (g - p)^2 / g / n``, n = valid pixels of the split.
 
     Args:
@@ -377,8 +384,9 @@ class DepthMeter(Meter):
         self._check(type(self).__name__, output, target, 1, 1)
         pred = decode_depth_torch(output)
         gt = target[:, 0].to(pred.device).float()
-        valid = (gt != self.ignore_index) & (gt > 0)
+        valid = gt != self.ignore_index
         g, p = gt[valid], pred[valid]
+        g = torch.where(g <= 0, torch.full_like(g, DEPTH_MIN), g)
         p = torch.where(p <= 0, torch.full_like(p, DEPTH_MIN), p)
         diff2 = (g - p) ** 2  # float32 per pixel, as upstream; sums in float64
         self._add(
@@ -457,7 +465,7 @@ def prediction_image(task: TaskSpec, raw: torch.Tensor) -> np.ndarray:
     if task.kind == "saliency":
         m = torch.softmax(x.float(), dim=1)[0, 1] * 255.0
     elif task.kind == "boundary":
-        m = torch.sigmoid(x.float()[0, 0]) * 255.0
+        m = _boundary_255(x.float()[0, 0])
     elif task.kind == "normals":
         m = ((F.normalize(x.float(), p=2, dim=1, eps=NORMALIZE_EPS) + 1.0) * 255.0 / 2.0)[0].permute(1, 2, 0)
     elif task.kind == "depth":
