@@ -328,14 +328,13 @@ def read_depth(path: str | Path) -> np.ndarray:
     return arr
 
 
-def _read_binary_edge_png(path: Path) -> np.ndarray:
+def _read_edge_png(path: Path) -> np.ndarray:
+    """NYUD edge PNG / 255 as upstream reads it: any grey value is kept as a soft target (the released maps are
+    binary 0/255; a soft map is logged, not refused, so a user's dataset is read exactly as upstream reads it)."""
     arr = read_class_png(path, "edge PNG")
-    bad = (arr != 0) & (arr != 255)
-    if bad.any():
-        values = ", ".join(str(int(v)) for v in np.unique(arr[bad])[:5])
-        raise InputError(
-            f"edge PNG '{path}' contains value(s) {values}; expected a binary edge map with 0 (no edge) and 255 (edge)."
-        )
+    soft = (arr != 0) & (arr != 255)
+    if soft.any():
+        logger.debug("edge PNG '%s' is not binary (%d pixels between 0 and 255); kept as /255", path, int(soft.sum()))
     return (arr.astype(np.float32) / 255.0).astype(np.float32)
 
 
@@ -448,7 +447,7 @@ def load_targets(
             elif task == "normals":
                 value = read_normals_png(path)
             elif task == "edge":
-                value = _read_binary_edge_png(path)
+                value = _read_edge_png(path)
             else:  # pragma: no cover
                 raise ConfigError(f"no NYUD-v2 labels for task {task!r}")
         out[task] = _fit(value, hw, path, task)
