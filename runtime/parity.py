@@ -9,8 +9,8 @@ per-pixel error heatmap.
 
 The report folder gets ``parity.json`` (the documented fields below), ``parity.md`` and ``visuals/*.png``.
 A candidate that cannot run here (an engine on a machine without a CUDA GPU) is listed with the reason; it is
-neither passed nor failed. Ground-truth evaluation (official task metrics against dataset labels) needs the training
-module's evaluator, which invpt does not have yet: the report says so.
+neither passed nor failed. Ground-truth evaluation (official task metrics against dataset labels) is `invpt-eval`'s,
+for PyTorch checkpoints; it is not run on ONNX files and engines here yet: the report says so.
 
 ``parity.json``: ``schema`` ("invpt.parity"), ``version`` (1), ``created``, ``passed`` (every candidate that ran
 passed, and at least one ran), ``reference`` {``checkpoint``, ``sha256``, ``config``, ``runner``}, ``inputs``
@@ -191,9 +191,9 @@ def run_parity(
         "inputs": {"description": desc, "ids": ids, "samples": len(ids)},
         "tolerances": {k: v.to_dict() for k, v in TOLERANCES.items()},
         "candidates": candidates,
-        "ground_truth": ("Not evaluated: official task metrics against PASCAL-Context / NYUD-v2 labels need the training "
-                         "module's evaluator, which this invpt does not include yet. The agreement above is against "
-                         "PyTorch's own predictions."),
+        "ground_truth": ("Not evaluated here: official task metrics against PASCAL-Context / NYUD-v2 labels come from "
+                         "invpt-eval for the PyTorch checkpoint; this report does not run them on ONNX files and "
+                         "engines yet. The agreement above is against PyTorch's own predictions."),
     }
     md = _markdown(data_out)
     for c in candidates:

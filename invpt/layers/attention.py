@@ -83,6 +83,19 @@ class MessagePassingAttention(nn.Module):
             chunks.append(m.reshape(b, heads, k, -1).transpose(2, 3))  # [B, h, q, K]
         return torch.cat(chunks, dim=2)
 
+    def _query_tokens(self, proj: nn.Sequential, m: torch.Tensor) -> torch.Tensor:
+        """Depthwise conv + BN of one task's map, as tokens [B, q, C].
+
+        In training the BN input is made channels-last first: PyTorch's CPU BatchNorm backward returns wrong input
+        gradients when the incoming gradient is a channels-last view whose batch stride is not C*H*W, which is what
+        the token concatenation below hands back for a batch of one (relative error ~1 in float64; tested in
+        tests/test_train_loop.py). Values are unchanged; eval and export take the plain path.
+        """
+        x = proj.conv(m)
+        if self.training and torch.is_grad_enabled():
+            x = x.contiguous(memory_format=torch.channels_last)
+        return map_to_tokens(proj.bn(x))
+
     def forward(
         self, maps: list[torch.Tensor], message: Optional[torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,7 +108,7 @@ class MessagePassingAttention(nn.Module):
         Returns:
             (out, scores): out [B, T*(H/2)*(W/2), C] (query resolution), scores [B, heads, Q, K] to pass on.
         """
-        q = torch.cat([map_to_tokens(conv(m)) for conv, m in zip(self.conv_proj_q, maps)], dim=1)  # [B, Q, C]
+        q = torch.cat([self._query_tokens(conv, m) for conv, m in zip(self.conv_proj_q, maps)], dim=1)  # [B, Q, C]
         kv = torch.cat([map_to_tokens(self.kv_pool(m)) for m in maps], dim=1)  # [B, K, C]
         q = self._split_heads(self.proj_q(q))
         k = self._split_heads(self.proj_k(kv))

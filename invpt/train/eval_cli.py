@@ -1,0 +1,233 @@
+"""``invpt-eval``: official metrics of a checkpoint on a dataset split (JSON report + Markdown table)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+from invpt.cli.common import Stopwatch, add_logging_args, add_model_args, run_main
+from invpt.errors import ConfigError, InputError
+
+_logger = logging.getLogger("invpt.train")
+
+EXAMPLES = """examples:
+  invpt-eval --ckpt runs/pascal/final.pth --data /datasets                       # -> runs/pascal/final.eval_val.json|md
+  invpt-eval --ckpt InvPT_pascal_vitLp16.pth.tar --data /datasets --out reports/pascal.json
+  invpt-eval --ckpt runs/nyud/last.pth --data /datasets --save-predictions preds/ --save-tasks edge
+  torchrun --nproc_per_node 4 -m invpt.train.eval_cli --ckpt final.pth --data /datasets   # one shard per GPU
+
+Protocol (as upstream's main.py test): images normalised and centred-padded to the model size (no resize), metrics
+accumulated over the whole split on the padded outputs with the padding ignored; saved predictions are cropped back
+to each image's size (boundary PNGs in the layout the official odsF tools read).
+
+exit codes: 0 done; 2 bad input (checkpoint, data, --config that disagrees with the checkpoint, output path);
+4 a library failed: re-run with -v for its traceback.
+"""
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """What ``invpt-eval`` was asked to do (every flag has a field)."""
+
+    ckpt: Path
+    data_root: Path
+    out: Path
+    config: Optional[str] = None
+    split: str = "val"
+    batch: int = 6
+    workers: int = 2
+    device: str = "auto"
+    bf16: bool = False
+    save_predictions: Optional[Path] = None
+    save_tasks: str = "all"
+    command: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("batch",):
+            if getattr(self, name) < 1:
+                raise InputError(f"--{name} must be >= 1, got {getattr(self, name)}.")
+        if self.workers < 0:
+            raise InputError(f"--workers must be >= 0, got {self.workers}.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="invpt-eval",
+        description="Evaluate an InvPT checkpoint (official release, invpt-train output or a bare state_dict) on a "
+        "PASCAL-Context or NYUD-v2 split with the official protocol and metrics: mIoU (semseg, human parts), maxF "
+        "(saliency), mean angular error (normals), RMSE (depth), plus upstream's in-code boundary loss. Writes a JSON "
+        "report and a Markdown table.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_model_args(p)
+    d = p.add_argument_group("Data")
+    d.add_argument("--data", required=True,
+                   help="dataset root in the official layout (the PASCALContext/ or NYUDv2/ folder or their parent), "
+                   "e.g. --data /datasets")
+    d.add_argument("--split", default="val", help="split to evaluate (a file of ImageSets/Context or gt_sets; default val)")
+    o = p.add_argument_group("Output")
+    o.add_argument("--out", default=None,
+                   help="JSON report path; the Markdown table goes next to it with .md (default: beside the "
+                   "checkpoint, <name>.eval_<split>.json)")
+    o.add_argument("--save-predictions", default=None, metavar="DIR",
+                   help="also write each image's predictions to DIR/<task>/<id>.png (depth: .npy), cropped back to "
+                   "the image size: label ids, 255 x probability (saliency, boundary), (n + 1) x 255 / 2 normals")
+    o.add_argument("--save-tasks", default="all",
+                   help="tasks whose predictions --save-predictions writes: all (default) or a comma list, e.g. edge "
+                   "(the files the offline odsF evaluation reads)")
+    h = p.add_argument_group("Hardware")
+    h.add_argument("--batch", type=int, default=6, help="images per step (per process under torchrun; default 6)")
+    h.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (default 2)")
+    h.add_argument("--device", default="auto", help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N")
+    h.add_argument("--bf16", action="store_true",
+                   help="bfloat16 autocast (CUDA 8.0+ or CPU); the official protocol is FP32")
+    add_logging_args(p)
+    return p
+
+
+def default_report_path(ckpt: Path, split: str) -> Path:
+    """``dir/name.pth.tar`` -> ``dir/name.eval_<split>.json``."""
+    name = ckpt.name
+    for suffix in (".tar", ".pth", ".pt", ".ckpt", ".bin"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    return ckpt.with_name(f"{name}.eval_{split}.json")
+
+
+def options_from_args(args: argparse.Namespace) -> EvalOptions:
+    ckpt = Path(args.ckpt)
+    return EvalOptions(
+        ckpt=ckpt, data_root=Path(args.data), out=Path(args.out) if args.out else default_report_path(ckpt, args.split),
+        config=args.config, split=args.split, batch=args.batch, workers=args.workers, device=args.device,
+        bf16=args.bf16, save_predictions=Path(args.save_predictions) if args.save_predictions else None,
+        save_tasks=args.save_tasks, command="invpt-eval " + shlex.join(sys.argv[1:]),
+    )
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return a.resolve() == b.resolve()
+
+
+def _within(child: Path, parent: Path) -> bool:
+    try:
+        child.resolve().relative_to(parent.resolve())
+        return True
+    except (ValueError, OSError):
+        return False
+
+
+def check_outputs(opts: EvalOptions) -> None:
+    """Refuse, before loading anything, a report path or prediction folder that would overwrite an input."""
+    from invpt.atomic import check_output_file
+
+    md = opts.out.with_suffix(".md")
+    if opts.out.suffix.lower() != ".json":
+        raise InputError(f"--out '{opts.out}' must end in .json (the report is JSON; the Markdown table goes beside it "
+                         "as .md). Pass e.g. --out reports/eval.json.")
+    for path in (opts.out, md):
+        check_output_file(path, "Report", "Choose another --out path.", InputError)
+        if path.exists() and _same_file(path, opts.ckpt):
+            raise InputError(f"Report '{path}' is the checkpoint '{opts.ckpt}'; invpt never writes into its inputs. "
+                             "Choose another --out path.")
+        if opts.data_root.exists() and _within(path, opts.data_root):
+            raise InputError(f"Report '{path}' lies inside the data folder '{opts.data_root}'; invpt never writes into "
+                             "its inputs. Choose another --out path.")
+    if opts.save_predictions is not None:
+        sp = opts.save_predictions
+        if sp.exists() and not sp.is_dir():
+            raise InputError(f"--save-predictions '{sp}' is an existing file; pass a folder.")
+        if opts.data_root.exists() and (_within(sp, opts.data_root) or _within(opts.data_root, sp)):
+            raise InputError(f"--save-predictions '{sp}' overlaps the data folder '{opts.data_root}'; invpt never writes "
+                             "into its inputs. Pass a separate folder, e.g. preds/.")
+
+
+def _config_check(opts: EvalOptions) -> None:
+    """A --config that disagrees with the config stored in an invpt checkpoint is an error (not a warning)."""
+    from invpt.checkpoint import read_checkpoint
+    from invpt.config import load_config
+    from invpt.train.loop import config_differences
+
+    if opts.config is None:
+        return
+    raw = read_checkpoint(opts.ckpt)
+    if raw.config is None:
+        return  # official / bare checkpoints: load_model's shape check compares them with --config
+    diff = config_differences(load_config(raw.config), load_config(opts.config))
+    if diff:
+        raise ConfigError(
+            f"--config '{opts.config}' disagrees with the config stored in checkpoint '{opts.ckpt}' "
+            f"({'; '.join(diff)}; checkpoint vs --config). Leave out --config to evaluate the model the checkpoint "
+            "describes."
+        )
+
+
+def evaluate_checkpoint(opts: EvalOptions) -> dict:
+    """Load the checkpoint, evaluate it on the split, write the reports (rank 0); returns the report dict."""
+    import time
+
+    from invpt import load_model
+    from invpt.data.multitask import MultiTaskDataset
+    from invpt.train.distributed import cleanup, init_distributed
+    from invpt.train.evaluate import evaluate, write_report
+    from invpt.train.loop import check_bf16
+    from invpt.train.metrics import build_evaluator
+
+    check_outputs(opts)
+    _config_check(opts)
+    ctx = init_distributed(opts.device)
+    try:
+        if opts.bf16:
+            check_bf16(ctx.device)
+        model = load_model(opts.ckpt, config=opts.config, device=ctx.device)
+        cfg = model.cfg
+        dataset = MultiTaskDataset(opts.data_root, cfg, split=opts.split, transforms="eval")
+        save_tasks = "all" if opts.save_tasks == "all" else [t.strip() for t in opts.save_tasks.split(",") if t.strip()]
+        evaluator = build_evaluator(cfg, save_dir=opts.save_predictions, save_tasks=save_tasks)
+        t0 = time.perf_counter()
+        scores = evaluate(model, dataset, evaluator, batch_size=opts.batch, workers=opts.workers, ctx=ctx,
+                          bf16=opts.bf16, progress=ctx.is_main and sys.stderr.isatty())
+        report = {
+            "title": f"Evaluation of {opts.ckpt.name} on {opts.split}",
+            "checkpoint": str(opts.ckpt), "split": opts.split, "images": len(dataset), "data_root": str(opts.data_root),
+            "seconds": round(time.perf_counter() - t0, 3), "processes": ctx.world_size, "bf16": opts.bf16,
+            "device": str(ctx.device), "predictions": str(opts.save_predictions) if opts.save_predictions else None,
+            "command": opts.command, "config": cfg.to_dict(), "scores": scores,
+        }
+        if ctx.is_main:
+            write_report(report, opts.out)
+        ctx.barrier()
+        return report
+    finally:
+        cleanup(ctx)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from invpt.train.evaluate import headline
+
+    if os.environ.get("RANK", "0") not in ("", "0"):
+        logging.getLogger("invpt").setLevel(logging.WARNING)
+    watch = Stopwatch()
+    opts = options_from_args(args)
+    report = evaluate_checkpoint(opts)
+    if os.environ.get("RANK", "0") in ("", "0"):
+        _logger.info("eval ok %.1fs, %d images: %s -> %s (+ .md)", watch.seconds, report["images"],
+                     headline(report["scores"], report["config"]), opts.out)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``invpt-eval``; returns the exit code (0 ok, 2 bad input, 4 a library failed)."""
+    return run_main(_run, build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
