@@ -29,12 +29,12 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Sequence, Type
+from typing import Iterable, Iterator, Optional, Type
 
 from invpt.atomic import fsync_path
 from invpt.errors import InputError, InvptError, ManifestError
 from invpt.manifest import Manifest, manifest_path_for, sha256_file
-from invpt.paths import describe_path_problem, require_file
+from invpt.paths import check_output_dir, describe_path_problem, require_file, same_file
 
 _logger = logging.getLogger(__name__)
 
@@ -80,19 +80,6 @@ def artifact_lock(out: str | os.PathLike, shared: bool = False) -> Iterator[bool
 
 
 # ---- output checks ----------------------------------------------------------------------------------------
-def _same_file(a: Path, b: Path) -> bool:
-    """True when ``a`` and ``b`` name one file: same inode (symlinks, hard links) or, if either is missing, the
-    same resolved path."""
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        pass
-    try:
-        return a.resolve() == b.resolve()
-    except (OSError, RuntimeError):
-        return os.path.abspath(a) == os.path.abspath(b)
-
-
 def _protected_files(inp: Path) -> list[tuple[Path, str]]:
     """An input and the files that belong to it: its manifest and the external-data files the manifest lists
     (or, without a readable manifest, the ``NAME.data`` convention of invpt-export)."""
@@ -150,7 +137,7 @@ def check_output(
             continue
         for theirs, role in _protected_files(Path(inp)):
             for ours, our_role in mine:
-                if _same_file(ours, theirs):
+                if same_file(ours, theirs):
                     what = (f"Output '{out}' is {role} '{theirs}' (the same file)" if not our_role else
                             f"Output '{out}' would write {our_role} '{ours}', which is {role} '{theirs}'")
                     raise error_cls(
@@ -158,14 +145,8 @@ def check_output(
                         "Choose another --out path (e.g. a new name in the same folder)."
                     )
     # The folder: the nearest existing ancestor must be a writable directory.
-    parent = out.parent if str(out.parent) else Path(".")
-    probe = parent
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if probe.exists() and not probe.is_dir():
-        raise error_cls(f"Cannot write '{out}': '{probe}' is a file, not a folder. Choose a writable --out location.")
-    if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
-        raise error_cls(f"Cannot write to '{probe}' (permission denied). Choose a writable --out location.")
+    check_output_dir(out.parent if str(out.parent) else Path("."), f"The folder of '{out}'",
+                     "Choose a writable --out location.", error_cls)
     return out
 
 

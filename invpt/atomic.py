@@ -19,16 +19,10 @@ from pathlib import Path
 from typing import IO, Callable, Iterator, Optional, Type
 
 from invpt.errors import InputError, InvptError
+from invpt.paths import nearest_existing
 
 STALE_TEMP_AGE_S = 3600.0
 _PID_IN_NAME = re.compile(r"\.(\d+)(?:\.[^.]+)?\.tmp(?:\.[A-Za-z0-9]+)?$")  # .<pid>[.<random>].tmp[.ext]
-
-
-def _nearest_existing(path: Path) -> Path:
-    p = path.absolute()
-    while not os.path.lexists(p) and p != p.parent:
-        p = p.parent
-    return p
 
 
 def check_output_file(path: str | os.PathLike, what: str, fix: str, error_cls: Type[InvptError] = InputError) -> Path:
@@ -48,7 +42,7 @@ def check_output_file(path: str | os.PathLike, what: str, fix: str, error_cls: T
         if not stat.S_ISREG(mode):
             kind = "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a special file"
             raise error_cls(f"{what} '{p}' is {kind}, not a regular file. {fix}")
-    base = _nearest_existing(p.parent)
+    base = nearest_existing(p.parent)
     if not base.is_dir():
         raise error_cls(f"{what} '{p}' cannot be created: '{base}' is a file, not a folder. {fix}")
     if not os.access(base, os.W_OK | os.X_OK):

@@ -56,3 +56,50 @@ def require_dir(path: str | os.PathLike, what: str, fix: str, error_cls: Type[In
         return p
     problem = "does not exist" if not p.exists() else "is not a directory"
     raise error_cls(f"{what} '{p}' {problem}. {fix}")
+
+
+# ---- outputs ------------------------------------------------------------------------------------------------------
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """True when ``a`` and ``b`` name one file: same inode (symlinks, hard links) or, if either is missing, the
+    same resolved path."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        pass
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except (OSError, RuntimeError):
+        return os.path.abspath(a) == os.path.abspath(b)
+
+
+def is_within(child: str | os.PathLike, parent: str | os.PathLike) -> bool:
+    """True when ``child`` is ``parent`` or lies below it (symlinks resolved)."""
+    try:
+        Path(child).resolve().relative_to(Path(parent).resolve())
+        return True
+    except (ValueError, OSError, RuntimeError):
+        return False
+
+
+def nearest_existing(path: str | os.PathLike) -> Path:
+    """``path`` itself or its nearest ancestor that exists (a dangling symlink counts as existing)."""
+    p = Path(path).absolute()
+    while not os.path.lexists(p) and p != p.parent:
+        p = p.parent
+    return p
+
+
+def check_output_dir(path: str | os.PathLike, what: str, fix: str, error_cls: Type[InvptError] = InputError) -> Path:
+    """Check, before any work, that a folder can be written (or created) at ``path``; raise ``error_cls`` with one
+    paragraph if not: ``path`` is a file, a folder on its way is a file, or the nearest existing folder is not
+    writable. Returns ``Path(path)``."""
+    p = Path(path)
+    if os.path.lexists(p) and not p.is_dir():
+        raise error_cls(f"{what} '{p}' {describe_path_problem(p) or 'exists and is not a folder'}; a folder is needed. "
+                        f"{fix}")
+    base = nearest_existing(p)
+    if not base.is_dir():
+        raise error_cls(f"{what} '{p}' cannot be created: '{base}' is a file, not a folder. {fix}")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise error_cls(f"{what} '{p}' cannot be written: folder '{base}' is not writable (permission denied). {fix}")
+    return p

@@ -19,7 +19,7 @@ def prepare_report_dir(out: str | os.PathLike, names: Sequence[str], inputs: Ite
     """Check the report folder ``out`` before any work: not an existing file, creatable and writable, and none of the
     report files ``names`` it will (re)write is one of ``inputs`` or an input's manifest. Returns ``Path(out)``."""
     from invpt.manifest import manifest_path_for
-    from invpt.paths import describe_path_problem
+    from invpt.paths import check_output_dir, describe_path_problem, same_file
 
     out = Path(out)
     if out.exists() and not out.is_dir():
@@ -32,19 +32,10 @@ def prepare_report_dir(out: str | os.PathLike, names: Sequence[str], inputs: Ite
     for name in names:
         target = out / name
         for p in protected:
-            try:
-                same = target.exists() and p.exists() and os.path.samefile(target, p)
-            except OSError:
-                same = False
-            if same:
+            if target.exists() and p.exists() and same_file(target, p):
                 raise InputError(f"Report file '{target}' is the input '{p}'; writing the report would destroy it, and "
                                  "invpt never writes into its inputs. Choose another --out folder.")
-    probe = out
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if probe.exists() and (not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK)):
-        raise InputError(f"Cannot write the report under '{probe}' (not a writable folder). Choose a writable --out.")
-    return out
+    return check_output_dir(out, "Report folder", "Choose a writable --out folder.")
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

@@ -110,24 +110,10 @@ def options_from_args(args: argparse.Namespace) -> EvalOptions:
     )
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return a.resolve() == b.resolve()
-
-
-def _within(child: Path, parent: Path) -> bool:
-    try:
-        child.resolve().relative_to(parent.resolve())
-        return True
-    except (ValueError, OSError):
-        return False
-
-
 def check_outputs(opts: EvalOptions) -> None:
     """Refuse, before loading anything, a report path or prediction folder that would overwrite an input."""
     from invpt.atomic import check_output_file
+    from invpt.paths import is_within as _within, same_file as _same_file
 
     md = opts.out.with_suffix(".md")
     if opts.out.suffix.lower() != ".json":

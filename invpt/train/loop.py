@@ -42,6 +42,7 @@ from torch import nn
 
 from invpt.config import InvPTConfig, load_config
 from invpt.errors import CheckpointError, ConfigError, InputError, InvptError
+from invpt.paths import check_output_dir, is_within
 from invpt.timing import PhaseTimer
 from invpt.train.distributed import (
     DistContext,
@@ -96,29 +97,16 @@ def ckpt_name(iteration: int) -> str:
     return f"ckpt_{iteration:06d}.pth"
 
 
-def _within(child: Path, parent: Path) -> bool:
-    try:
-        child.resolve().relative_to(parent.resolve())
-        return True
-    except (ValueError, OSError):
-        return False
-
-
 def check_out_dir(opts: TrainOptions) -> Path:
     """Refuse, before any work, an output folder that is a file, lies inside the data, or holds another run."""
     out = opts.out_dir
     if out.exists() and not out.is_dir():
         raise InputError(f"--out '{out}' is an existing file; training writes a folder (checkpoints, logs, reports). "
                          "Pass a folder path, e.g. runs/pascal.")
-    if opts.data_root.exists() and _within(out, opts.data_root):
+    if opts.data_root.exists() and is_within(out, opts.data_root):
         raise InputError(f"--out '{out}' lies inside the data folder '{opts.data_root}'; invpt never writes into its "
                          "inputs. Pass a folder outside the dataset, e.g. runs/pascal.")
-    probe = out
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if probe.exists() and (not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK)):
-        raise InputError(f"--out '{out}' cannot be created: '{probe}' is not a writable folder. Choose a writable "
-                         "location.")
+    check_output_dir(out, "--out", "Choose a writable location, e.g. runs/pascal.")
     last = out / LAST_NAME
     if opts.resume is None and (last.exists() or any(CKPT_PATTERN.match(p.name) for p in _listdir(out))):
         raise InputError(
