@@ -28,6 +28,7 @@ from invpt.artifacts import (
 )
 from invpt.errors import InputError, ManifestError
 from invpt.manifest import Manifest, Preprocessing, manifest_path_for, parent_record, sha256_file
+from tests.helpers import copy_artifact
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -368,18 +369,14 @@ def test_artifact_lock_is_exclusive_against_shared(tmp_path):
 
 
 # ---- invpt-quantize at the CLI (validation happens before any model work) ---------------------------------------
-@pytest.fixture(scope="module")
-def exported(tiny_pascal_official_ckpt, tmp_path_factory):
-    from invpt.export import run_export
-
-    return run_export(tiny_pascal_official_ckpt, tmp_path_factory.mktemp("a") / "m.onnx", verify=False)
+@pytest.fixture
+def exported(pascal_onnx):
+    """The session's tiny exported model (read-only: the tests below work on copies made by _copy_export)."""
+    return pascal_onnx
 
 
 def _copy_export(exported, folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    for p in (exported.onnx_path, exported.manifest_path):
-        (folder / p.name).write_bytes(p.read_bytes())
-    return folder / exported.onnx_path.name
+    return copy_artifact(exported.onnx_path, folder)
 
 
 def test_quantize_refuses_output_equal_to_input(exported, tmp_path):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -14,40 +15,31 @@ from invpt.calib import load_calibration_data, run_quantize
 from invpt.calib.cli import main as quantize_main
 from invpt.calib.evaluate import PRECISION_TOLERANCES
 from invpt.errors import ConfigError, InputError, ManifestError, VerificationError
-from invpt.export import run_export
 from invpt.export.ort import ort_session
-from invpt.manifest import Manifest, Preprocessing
+from invpt.manifest import Manifest, Preprocessing, sha256_file
 
 
-@pytest.fixture(scope="module")
-def fp32(tiny_pascal_official_ckpt, tmp_path_factory):
-    return run_export(tiny_pascal_official_ckpt, tmp_path_factory.mktemp("q") / "m.onnx")
+# The session's shared artifacts (tests/conftest.py), read-only here: every quantization below writes to tmp_path.
+@pytest.fixture
+def fp32(pascal_onnx):
+    return pascal_onnx
 
 
-@pytest.fixture(scope="module")
-def calib_dir(tmp_path_factory) -> Path:
-    """Real photo crops (smaller than the 128x128 model, so the manifest's 'pad' mode applies)."""
-    root = tmp_path_factory.mktemp("calib")
-    img = cv2.imread(str(Path(__file__).resolve().parents[1] / "assets" / "chelsea.jpg"))
-    rng = np.random.default_rng(0)
-    for sub in ("a", "b"):
-        (root / sub).mkdir()
-        for i in range(6):
-            y, x = rng.integers(0, img.shape[0] - 120), rng.integers(0, img.shape[1] - 120)
-            cv2.imwrite(str(root / sub / f"crop{i}.png"), img[y:y + 120, x:x + 120])
-    return root
+@pytest.fixture
+def calib_dir(calib_images) -> Path:
+    """Real photo crops in two strata (smaller than the 128x128 model, so the manifest's 'pad' mode applies)."""
+    return calib_images
 
 
-@pytest.fixture(scope="module")
-def int8(fp32, calib_dir, tmp_path_factory):
-    return run_quantize(fp32.onnx_path, "int8", calib_data=calib_dir, calib_samples=6, holdout_samples=3,
-                        cache_dir=tmp_path_factory.mktemp("cache"))
+@pytest.fixture
+def int8(pascal_int8):
+    """Made with calib_samples=4, holdout_samples=2 and the default calibrator (entropy)."""
+    return pascal_int8
 
 
-@pytest.fixture(scope="module")
-def fp16(fp32, calib_dir, tmp_path_factory):
-    return run_quantize(fp32.onnx_path, "fp16", calib_data=calib_dir, holdout_samples=3,
-                        cache_dir=tmp_path_factory.mktemp("cache"))
+@pytest.fixture
+def fp16(pascal_fp16):
+    return pascal_fp16
 
 
 def _consumers_of_dq(path) -> Counter:
@@ -95,11 +87,11 @@ def test_int8_parity_and_manifest(int8, fp32):
     assert int8.parity.reference == "pytorch-fp32"
     m = Manifest.load(int8.manifest_path)
     assert m.precision == "int8" and m.parent["sha256"] == fp32.manifest.sha256
-    assert m.calibration["num_samples"] == 6 and m.calibration["method"] == "entropy"
+    assert m.calibration["num_samples"] == 4 and m.calibration["method"] == "entropy"
     assert m.calibration["per_node"] is False  # a 20 MB model calibrates the whole graph at once
     assert len(m.calibration["sample_list_sha256"]) == 64
     held, used = m.verification["holdout_ids"], m.calibration["sample_ids"]
-    assert len(held) == 3 and len(used) == 6 and set(held).isdisjoint(used)  # parity never on calibration images
+    assert len(held) == 2 and len(used) == 4 and set(held).isdisjoint(used)  # parity never on calibration images
     assert m.precision_policy["name"] == "default" and m.precision_policy["kept_node_counts"]["decoder.attention_scores"] > 0
     assert m.verification["task_agreement"]["semseg"]["miou_vs_reference"] > 0.5
     assert "mean_angle_deg" in m.verification["task_agreement"]["normals"]
@@ -122,31 +114,36 @@ def test_fp16_graph_and_parity(fp16):
     assert rule["data_max"] == 512 and isinstance(rule["kept_nodes"], list)
 
 
-def test_keep_term_extends_policy(fp32, calib_dir, tmp_path):
-    res = run_quantize(fp32.onnx_path, "fp16", tmp_path / "k.onnx", keep_terms=["head.normals"], verify=False,
-                       calib_data=calib_dir, holdout_samples=1, cache_dir=tmp_path / "c")
-    assert res.manifest.precision_policy["kept_node_counts"]["head.normals"] >= 2
+def test_keep_term_extends_policy(sensitivity_run, fp32, tmp_path):
+    """--keep terms (here every block the sensitivity run does not sweep) join the policy's kept nodes."""
+    res, others, _ = sensitivity_run
+    policy = res.manifest.precision_policy
+    assert list(policy["keep_terms"]) == ["backbone.attention_scores", "decoder.attention_scores", *others]
+    assert policy["kept_node_counts"]["head.human_parts"] >= 2 and policy["kept_node_counts"]["backbone.block.3"] > 0
+    assert any(n.startswith("heads.edge.") for n in policy["kept_nodes"])  # the nodes themselves are listed
     with pytest.raises(ConfigError, match="Unknown model term 'head.depth'"):
         run_quantize(fp32.onnx_path, "fp16", tmp_path / "k2.onnx", keep_terms=["head.depth"], verify=False)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_calibration_cache_reuse_and_invalidation(calib_dir, tmp_path):
+    calib_dir = Path(shutil.copytree(calib_dir, tmp_path / "images"))  # this test edits an image
     prep = Preprocessing(size=(128, 128), mode="pad")
-    a = load_calibration_data(calib_dir, prep, 4, holdout=2, cache_dir=tmp_path)
-    assert not a.cache_hit and len(list(tmp_path.glob("calib-*.npz"))) == 1
-    b = load_calibration_data(calib_dir, prep, 4, holdout=2, cache_dir=tmp_path)
+    cache = tmp_path / "cache"
+    a = load_calibration_data(calib_dir, prep, 4, holdout=2, cache_dir=cache)
+    assert not a.cache_hit and len(list(cache.glob("calib-*.npz"))) == 1
+    b = load_calibration_data(calib_dir, prep, 4, holdout=2, cache_dir=cache)
     assert b.cache_hit and np.array_equal(a.calib, b.calib) and a.calib_ids == b.calib_ids
     assert set(a.calib_ids).isdisjoint(a.holdout_ids)
     assert {i.split("/")[0] for i in a.calib_ids} == {"a", "b"}  # stratified over sub-folders
-    c = load_calibration_data(calib_dir, Preprocessing(size=(128, 128), mode="resize"), 4, holdout=2, cache_dir=tmp_path)
+    c = load_calibration_data(calib_dir, Preprocessing(size=(128, 128), mode="resize"), 4, holdout=2, cache_dir=cache)
     assert not c.cache_hit  # preprocessing changed
     victim = calib_dir / "a" / "crop0.png"
     img = cv2.imread(str(victim))
     cv2.imwrite(str(victim), 255 - img)  # data changed
-    d = load_calibration_data(calib_dir, prep, 4, holdout=2, cache_dir=tmp_path)
+    d = load_calibration_data(calib_dir, prep, 4, holdout=2, cache_dir=cache)
     touched = "a/crop0" in a.calib_ids + a.holdout_ids
     assert d.cache_hit is (not touched)
-    cv2.imwrite(str(victim), img)
 
 
 def test_calibration_errors(tmp_path, calib_dir):
@@ -183,29 +180,35 @@ def test_parity_failure_writes_nothing_unless_allowed(fp32, calib_dir, tmp_path,
     monkeypatch.setitem(PRECISION_TOLERANCES, "int8", Tolerance(max_rel_err=1e-9, min_cosine=1.0, min_agreement=1.0))
     out = tmp_path / "strict.int8.onnx"
     kw = dict(calib_data=calib_dir, calib_samples=2, holdout_samples=1, calib_method="max", cache_dir=tmp_path / "c")
-    with pytest.raises(VerificationError, match="outside the stated tolerance"):
+    with pytest.raises(VerificationError, match="outside the stated tolerance") as err:
         run_quantize(fp32.onnx_path, "int8", out, **kw)
+    assert err.value.exit_code == 3  # what invpt-quantize exits with
     assert not out.exists() and not out.with_suffix(".json").exists()
-    res = run_quantize(fp32.onnx_path, "int8", out, allow_mismatch=True, **kw)
-    assert out.exists() and not res.parity.passed
-    assert Manifest.load(res.manifest_path).verification["passed"] is False
+    assert [p.name for p in tmp_path.iterdir()] == ["c"]  # nor any staging folder
+    # --allow-mismatch writes the model, records the failure, and still exits 3
+    import invpt.calib.pipeline as pipeline
+
+    results, real_quantize = [], pipeline.quantize
+    monkeypatch.setattr(pipeline, "quantize", lambda *a, **k: results.append(real_quantize(*a, **k)) or results[-1])
+    argv = ["--onnx", str(fp32.onnx_path), "--precision", "int8", "--out", str(out), "--calib-data", str(calib_dir),
+            "--calib-samples", "2", "--holdout-samples", "1", "--calib-method", "max", "--cache-dir", str(tmp_path / "c"),
+            "--allow-mismatch"]
+    assert quantize_main(argv) == 3 and out.exists()
+    (res,) = results
+    man = Manifest.load(res.manifest_path)
+    assert res.onnx_path == out and not res.parity.passed
+    assert man.verification["passed"] is False and man.sha256 == sha256_file(out)
     assert {"data_s", "reference_s", "calibrate_s", "parity_s"} <= set(res.timings)
-    recorded = Manifest.load(res.manifest_path).timings  # the same phase timer, in the manifest (bench reads it)
+    recorded = man.timings  # the same phase timer, in the manifest (bench reads it)
     assert recorded["seconds"] == res.timings and recorded["total_s"] > 0
     assert all(v > 0 for v in recorded["peak_rss_bytes"].values())
-    out.unlink()
-    argv = ["--onnx", str(fp32.onnx_path), "--precision", "int8", "--out", str(out), "--calib-data", str(calib_dir),
-            "--calib-samples", "2", "--holdout-samples", "1", "--calib-method", "max", "--cache-dir", str(tmp_path / "c")]
-    assert quantize_main(argv) == 3 and not out.exists()
-    assert quantize_main(argv + ["--allow-mismatch"]) == 3 and out.exists()
 
 
-def test_dynamic_batch_model_calibrates_in_one_step(tiny_pascal_official_ckpt, calib_dir, tmp_path, caplog):
+def test_dynamic_batch_model_calibrates_in_one_step(pascal_dynamic_onnx, calib_dir, tmp_path, caplog):
     """A --dynamic-batch export takes all samples in one calibration step and stays dynamic after quantization."""
-    dyn = run_export(tiny_pascal_official_ckpt, tmp_path / "d.onnx", dynamic_batch=True, verify=False)
     with caplog.at_level("INFO", logger="invpt.calib"):
-        res = run_quantize(dyn.onnx_path, "int8", calib_data=calib_dir, calib_samples=4, holdout_samples=3,
-                           calib_method="max", cache_dir=tmp_path / "c")
+        res = run_quantize(pascal_dynamic_onnx.onnx_path, "int8", tmp_path / "d.int8.onnx", calib_data=calib_dir,
+                           calib_samples=4, holdout_samples=3, calib_method="max", cache_dir=tmp_path / "c")
     assert "4 sample(s) in 1 step(s) of batch 4" in caplog.text
     assert res.parity.passed and res.parity.samples == 3
     assert ort_session(res.onnx_path).get_inputs()[0].shape[0] != 1
@@ -219,28 +222,111 @@ def test_percentile(fp32, calib_dir, tmp_path):
     assert into["Conv"] > 0 and all(into[op] == 0 for op in ("LayerNormalization", "Softmax", "Resize"))
 
 
-def test_sensitivity_and_budget_search(fp32, calib_dir, tmp_path):
-    out = tmp_path / "s.int8.onnx"
-    res = run_quantize(fp32.onnx_path, "int8", out, calib_data=calib_dir, calib_samples=4, holdout_samples=2,
-                       calib_method="max", cache_dir=tmp_path / "c", sensitivity=True, budgets={"semseg": 0.02})
+# The sweep runs on three blocks; every other block is kept in high precision (--keep), which the sweep skips, so the
+# search and the final model see exactly the swept blocks: the full sweep's code path at a fifth of its cost.
+SWEPT = ("backbone.block.0", "decoder.stage2", "head.normals")
+
+
+@pytest.fixture(scope="module")
+def sensitivity_run(pascal_onnx, calib_images, tmp_path_factory):
+    """One INT8 run with --sensitivity and a semseg budget, every block but SWEPT kept by --keep:
+    (QuantizeResult, the kept block terms, the output folder)."""
+    from invpt.calib.policy import block_terms
+
+    cfg = pascal_onnx.manifest.model_config
+    others = [b for b in block_terms(cfg.tasks, cfg.backbone.depth) if b not in SWEPT]
+    d = tmp_path_factory.mktemp("sensitivity")
+    res = run_quantize(pascal_onnx.onnx_path, "int8", d / "s.int8.onnx", calib_data=calib_images, calib_samples=4,
+                       holdout_samples=2, calib_method="max", cache_dir=d / "c", sensitivity=True,
+                       budgets={"semseg": 0.02}, keep_terms=others)
+    return res, others, d
+
+
+def test_sensitivity_and_budget_search(sensitivity_run, fp32):
+    from invpt.calib.sensitivity import greedy_keep
+
+    res, others, folder = sensitivity_run
+    cfg = fp32.manifest.model_config
     assert res.parity.passed
-    rep = json.loads((tmp_path / "m.int8.sensitivity.json").read_text())
-    assert (tmp_path / "m.int8.sensitivity.png").stat().st_size > 1000
-    assert "| decoder.stage2 |" in (tmp_path / "m.int8.sensitivity.md").read_text()
-    assert set(rep["per_block"]) >= {"backbone.block.0", "decoder.stage2", "head.normals"}
+    rep = json.loads((folder / "m.int8.sensitivity.json").read_text())
+    assert rep == res.sensitivity
+    assert (folder / "m.int8.sensitivity.png").stat().st_size > 1000
+    assert "| decoder.stage2 |" in (folder / "m.int8.sensitivity.md").read_text()
+    assert set(rep["per_block"]) == set(SWEPT) and rep["failed_blocks"] == {}  # blocks kept by --keep are not swept
+    for block in SWEPT:
+        assert set(rep["per_block"][block]) == set(cfg.tasks)
     # A head only moves its own task.
     assert rep["per_block"]["head.normals"]["semseg"]["rel_l2"] < 1e-5  # float noise at most
     assert rep["per_block"]["head.normals"]["normals"]["rel_l2"] > 1e-3
+    assert all(v["rel_l2"] > 1e-5 for v in rep["per_block"]["backbone.block.0"].values())  # the shared backbone: all
+    # The search is the greedy rule applied to the measured sweep, and the model it chose meets the budgets.
+    budgets = rep["search"]["budgets"]
+    assert budgets["semseg"] == 0.02 and budgets["normals"] == 0.05
+    assert rep["search"]["keep_blocks"] == greedy_keep(rep["per_block"], budgets)
     assert rep["search"]["measured"]["semseg"]["rel_l2"] <= 0.02
     kept = res.manifest.precision_policy["keep_terms"]
-    assert set(rep["search"]["keep_blocks"]) <= set(kept)
+    assert set(rep["search"]["keep_blocks"]) <= set(kept) and set(others) <= set(kept)
 
 
-def test_static_batch_model_is_fed_in_its_batch(tiny_nyud_official_ckpt, tmp_path):
+def _sweep(**per_block: dict[str, float]) -> dict:
+    return {b: {t: {"rel_l2": v} for t, v in errs.items()} for b, errs in per_block.items()}
+
+
+def test_greedy_keep_fits_every_budget_most_damaging_first():
+    """The budget search on a sweep built in code: blocks are kept, the most damaging (relative to the budgets of the
+    tasks still over) first, until every task's summed single-block error fits."""
+    from invpt.calib.sensitivity import greedy_keep
+
+    sweep = _sweep(a={"s": 0.010, "n": 0.001}, b={"s": 0.030, "n": 0.002}, c={"s": 0.001, "n": 0.040},
+                   d={"s": 0.005, "n": 0.005})
+    assert greedy_keep(sweep, {"s": 1.0, "n": 1.0}) == []  # everything fits: nothing kept
+    assert greedy_keep(sweep, {"s": 0.02, "n": 1.0}) == ["b"]  # 0.046 -> 0.016
+    assert greedy_keep(sweep, {"s": 0.02, "n": 0.01}) == ["c", "b"]  # c is 4x the n budget; then s is over alone
+    assert greedy_keep(sweep, {"s": 0.012, "n": 1.0}) == ["b", "a"]  # 0.016 still over: the next worst for s
+    assert greedy_keep(sweep, {"s": 1e-9, "n": 1e-9}) == ["c", "b", "a", "d"]  # impossible: every block, then stop
+    # Only tasks over budget steer the choice: c hurts n most but n is within its budget.
+    assert greedy_keep(sweep, {"s": 0.03, "n": 0.05}) == ["b"]
+    assert greedy_keep({}, {"s": 1e-9}) == []
+
+
+NODES = [("backbone.patch_embed.proj/Conv", "Conv"), ("backbone.blocks.0.attn/MatMul", "MatMul"),
+         ("backbone.blocks.0.attn/Softmax", "Softmax"), ("backbone.blocks.0.mlp.fc1/MatMul", "MatMul"),
+         ("backbone.blocks.1.norm1/LayerNormalization", "LayerNormalization"),
+         ("multi_task_decoder.invpt.invpt_stages.1.blocks.0.attn/MatMul", "MatMul"),
+         ("multi_task_decoder.invpt.invpt_stages.1.blocks.0.attn.fuse_attn/Conv", "Conv"),
+         ("multi_task_decoder.invpt.invpt_stages.2.blocks.0.mlp/MatMul", "MatMul"),
+         ("multi_task_decoder.invpt.mt_proj.normals.0/Conv", "Conv"), ("heads.normals.linear_pred/Conv", "Conv"),
+         ("heads.semseg.linear_pred/Conv", "Conv"), ("/Resize", "Resize")]
+
+
+def test_policy_terms_resolve_to_node_names():
+    """Model terms (globs and op.<Type> included) against a node list built in code: no graph, no file."""
+    from invpt.calib.policy import quantizable_nodes, resolve_terms
+
+    got = resolve_terms(["head.*", "backbone.block.0", "op.Resize", "decoder.attention_scores"], NODES,
+                        ["semseg", "normals"], depth=2)
+    assert got["head.normals"] == ["multi_task_decoder.invpt.mt_proj.normals.0/Conv", "heads.normals.linear_pred/Conv"]
+    assert got["head.semseg"] == ["heads.semseg.linear_pred/Conv"]
+    assert got["backbone.block.0"] == ["backbone.blocks.0.attn/MatMul", "backbone.blocks.0.attn/Softmax",
+                                       "backbone.blocks.0.mlp.fc1/MatMul"]
+    assert got["op.Resize"] == ["/Resize"]
+    assert got["decoder.attention_scores"] == ["multi_task_decoder.invpt.invpt_stages.1.blocks.0.attn/MatMul",
+                                               "multi_task_decoder.invpt.invpt_stages.1.blocks.0.attn.fuse_attn/Conv"]
+    # decoder.stage2's MLP is not an attention-score node; block 1 has no quantizable node here
+    kept = {n for names in got.values() for n in names}
+    assert quantizable_nodes(NODES, kept) == ["backbone.patch_embed.proj/Conv",
+                                              "multi_task_decoder.invpt.invpt_stages.2.blocks.0.mlp/MatMul"]
+    assert resolve_terms(["op.Gemm"], NODES, ["semseg"], 2) == {"op.Gemm": []}
+    for bad in ("head.depth", "backbone.block.2", "decoder"):  # a task the model lacks, a block past its depth
+        with pytest.raises(ConfigError, match=f"Unknown model term '{bad}'"):
+            resolve_terms([bad], NODES, ["semseg", "normals"], depth=2)
+
+
+def test_static_batch_model_is_fed_in_its_batch(nyud_b2_onnx):
     """A batch-2 export gets 3 held-out samples: two chunks, the last padded, 3 results back."""
     from invpt.calib.evaluate import run_onnx_batches
 
-    res = run_export(tiny_nyud_official_ckpt, tmp_path / "b2.onnx", batch=2, verify=False)
+    res = nyud_b2_onnx
     x = np.random.default_rng(0).standard_normal((3, 3, 128, 192), dtype=np.float32)
     out = run_onnx_batches(res.onnx_path, x, ["semseg", "depth"])
     assert out["semseg"].shape == (3, 40, 128, 192)
@@ -249,11 +335,11 @@ def test_static_batch_model_is_fed_in_its_batch(tiny_nyud_official_ckpt, tmp_pat
 
 
 @pytest.mark.parametrize("method", ["max", "percentile"])
-def test_static_batch_2_model_calibrates_in_its_batch(tiny_nyud_official_ckpt, calib_dir, tmp_path, method):
+def test_static_batch_2_model_calibrates_in_its_batch(nyud_b2_onnx, calib_dir, tmp_path, method):
     """Both calibrators feed a batch-2 export two samples a step; an odd sample count is refused by name."""
-    res = run_export(tiny_nyud_official_ckpt, tmp_path / "b2.onnx", batch=2, verify=False)
-    q = run_quantize(res.onnx_path, "int8", calib_data=calib_dir, calib_samples=4, holdout_samples=2,
-                     calib_method=method, cache_dir=tmp_path / "c")
+    res = nyud_b2_onnx
+    q = run_quantize(res.onnx_path, "int8", tmp_path / "b2.int8.onnx", calib_data=calib_dir, calib_samples=4,
+                     holdout_samples=2, calib_method=method, cache_dir=tmp_path / "c")
     assert q.parity.passed and ort_session(q.onnx_path).get_inputs()[0].shape[0] == 2
     with pytest.raises(InputError, match="multiple of 2"):
         run_quantize(res.onnx_path, "int8", tmp_path / "odd.onnx", calib_data=calib_dir, calib_samples=3,
@@ -354,3 +440,18 @@ def test_bad_video_step_is_refused_before_any_work(fp32, tmp_path):
     assert quantize_main(["--onnx", str(fp32.onnx_path), "--precision", "fp16", "--video-step", "0",
                           "--out", str(out)]) == 2
     assert not out.exists()
+
+
+@pytest.mark.parametrize("budget, fragment", [
+    ("semseg=0", "a finite number > 0"), ("semseg=-0.1", "a finite number > 0"), ("semseg=nan", "a finite number > 0"),
+    ("depth=0.05", "does not predict"),
+])
+def test_bad_budgets_are_refused_before_any_work(pascal_onnx, calib_images, tmp_path, budget, fragment, monkeypatch):
+    """--budget semseg=0 used to crash (ZeroDivisionError) after the whole sweep; now exit 2 before any model work."""
+    import invpt.calib.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "load_held_out", lambda *a, **k: pytest.fail("data was loaded"))
+    with pytest.raises(InputError, match=fragment):
+        run_quantize(pascal_onnx.onnx_path, "int8", tmp_path / "q.onnx", calib_data=calib_images, sensitivity=True,
+                     budgets={budget.split("=")[0]: float(budget.split("=")[1])})
+    assert not (tmp_path / "q.onnx").exists()

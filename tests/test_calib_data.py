@@ -431,6 +431,37 @@ def _ids_of(src: Path, n: int, m: int, seed: int) -> tuple[list[str], list[str]]
     return [ids[i] for i in order[:n]], [ids[i] for i in order[n:]]
 
 
+class _Strata:
+    """An in-memory image source whose only real property is its strata (no files): for stratified_sample."""
+
+    def __init__(self, sizes: dict[str, int]):
+        self.groups = [g for g, k in sizes.items() for _ in range(k)]
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def strata(self, i: int) -> str:
+        return self.groups[i]
+
+
+def test_stratified_sample_is_proportional_distinct_and_seeded():
+    from collections import Counter
+
+    src = _Strata({"2008": 50, "2009": 30, "2010": 20})
+    for n in (10, 7, 1, 100):
+        picked = stratified_sample(src, n, seed=3)
+        assert len(picked) == n and len(set(picked)) == n and all(0 <= i < len(src) for i in picked)
+        got = Counter(src.strata(i) for i in picked)
+        for g, size in (("2008", 50), ("2009", 30), ("2010", 20)):  # each stratum gets its share, rounded
+            assert abs(got[g] - n * size / 100) < 1, (n, got)
+    assert stratified_sample(src, 10, seed=3) == stratified_sample(src, 10, seed=3)  # seeded
+    assert stratified_sample(src, 10, seed=3) != stratified_sample(src, 10, seed=4)
+    assert sorted(stratified_sample(src, 100, seed=0)) == list(range(100))  # n == size: every image once
+    # 3 strata of 1, 1 and 2 images, 3 samples: quotas 0.75/0.75/1.5 -> the largest remainders (0.75, 0.75) win
+    small = _Strata({"a": 1, "b": 1, "c": 2})
+    assert Counter(small.strata(i) for i in stratified_sample(small, 3, seed=0)) == {"a": 1, "b": 1, "c": 1}
+
+
 def _seed_where(src: Path, n: int, m: int, cond) -> int:
     """First seed whose plain stratified draw satisfies ``cond(calib_ids, holdout_ids)`` (a test precondition)."""
     for seed in range(200):
@@ -703,11 +734,10 @@ def test_non_finite_sample_names_the_file(tmp_path):
 # ---------------------------------------------------------------------------------------------- the CLI
 
 
-@pytest.fixture(scope="module")
-def tiny_onnx(tiny_pascal_official_ckpt, tmp_path_factory):
-    from invpt.export import run_export
-
-    return run_export(tiny_pascal_official_ckpt, tmp_path_factory.mktemp("q") / "m.onnx", verify=False)
+@pytest.fixture
+def tiny_onnx(pascal_onnx):
+    """The session's exported tiny model (read-only; outputs go to tmp_path)."""
+    return pascal_onnx
 
 
 def test_quantize_cli_refuses_padding_calibration(tiny_onnx, tmp_path, capsys):

@@ -7,13 +7,14 @@ hands them a private copy in the stage's staging folder instead (``invpt.artifac
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
-import cv2
 import numpy as np
 import onnx
 import pytest
@@ -22,25 +23,21 @@ from invpt.artifacts import private_copy
 from invpt.calib import run_quantize
 from invpt.calib.cli import main as quantize_main
 from invpt.errors import InputError, InvptError, ToolError
-from invpt.export import run_export
+from tests.helpers import copy_artifact
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def fp32(tiny_pascal_official_ckpt, tmp_path_factory):
-    return run_export(tiny_pascal_official_ckpt, tmp_path_factory.mktemp("in") / "m.onnx", verify=False)
 
 
 @pytest.fixture(scope="module")
-def calib_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("calib")
-    img = cv2.imread(str(REPO / "assets" / "chelsea.jpg"))
-    rng = np.random.default_rng(0)
-    for i in range(6):
-        y, x = rng.integers(0, img.shape[0] - 120), rng.integers(0, img.shape[1] - 120)
-        cv2.imwrite(str(root / f"crop{i}.png"), img[y:y + 120, x:x + 120])
-    return root
+def fp32(pascal_onnx, tmp_path_factory):
+    """A copy of the session's exported model in a folder of its own: these tests watch the input's folder (listing,
+    mtime, a read-only mode), so no other test may write there."""
+    path = copy_artifact(pascal_onnx.onnx_path, tmp_path_factory.mktemp("in"))
+    return SimpleNamespace(onnx_path=path)
+
+
+@pytest.fixture
+def calib_dir(calib_images) -> Path:
+    return calib_images
 
 
 @pytest.fixture()
@@ -124,14 +121,15 @@ def test_sensitivity_copies_the_input_once(fp32, calib_dir, tmp_path, private_tm
     monkeypatch.setattr(sens_mod, "private_copy", counting_copy)
     monkeypatch.setattr(int8_mod, "private_copy", counting_copy)
     monkeypatch.setattr(pipeline_mod, "private_copy", counting_copy)
-    # A sweep over three blocks proves the point (one copy, not one per block) in a fraction of the full sweep's time.
+    # A sweep over one block proves the point in a fraction of the full sweep's time: a copy per block, or one per
+    # sweep, would be a second copy.
     all_blocks = sens_mod.block_terms
-    monkeypatch.setattr(sens_mod, "block_terms", lambda tasks, depth: all_blocks(tasks, depth)[:3])
+    monkeypatch.setattr(sens_mod, "block_terms", lambda tasks, depth: all_blocks(tasks, depth)[:1])
     before = _snapshot(fp32.onnx_path)
     out = tmp_path / "out" / "s.int8.onnx"
     res = run_quantize(fp32.onnx_path, "int8", out, calib_data=calib_dir, calib_samples=2, holdout_samples=1,
                        calib_method="max", cache_dir=tmp_path / "cache", sensitivity=True, verify=False)
-    assert len(res.sensitivity["per_block"]) == 3
+    assert len(res.sensitivity["per_block"]) == 1
     assert copies == [fp32.onnx_path]  # run_quantize's one verified copy; sweep and final quantization reuse it
     assert _snapshot(fp32.onnx_path) == before
     assert not [p for p in out.parent.iterdir() if "input" in p.name]
@@ -230,37 +228,82 @@ def test_library_loggers_follow_verbosity(verbosity, level):
     configure_logging(0)
 
 
-def _cli(args: list[str]) -> subprocess.CompletedProcess:
+QUIET_CASES = [("fp16", "entropy"), ("int8", "entropy"), ("int8", "max")]
+# One fresh interpreter runs invpt-quantize -q once per case, each with its own stdout/stderr files (file
+# descriptors 1 and 2 redirected, so native library output is caught too); the first case's run also imports
+# everything, so what a first run in a new process prints is seen. One process instead of three saves two
+# interpreter starts with torch and ModelOpt imports.
+QUIET_CHILD = r"""
+import json, os, sys, traceback
+
+codes = []
+for args, log in json.loads(sys.argv[1]):
+    sys.stdout.flush(); sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(log + ".stdout", "wb") as out, open(log + ".stderr", "wb") as err:
+        os.dup2(out.fileno(), 1); os.dup2(err.fileno(), 2)
+        try:
+            from invpt.calib.cli import main
+            codes.append(main(args))
+        except BaseException as e:
+            traceback.print_exc()
+            codes.append(f"{type(e).__name__}: {e}")
+        finally:
+            sys.stdout.flush(); sys.stderr.flush()
+            os.dup2(saved[0], 1); os.dup2(saved[1], 2)
+            os.close(saved[0]); os.close(saved[1])
+print(json.dumps(codes))
+"""
+
+
+@pytest.fixture(scope="module")
+def quiet_runs(fp32, calib_images, tmp_path_factory) -> dict:
+    """(precision, method) -> (exit code, stdout, stderr, out path) of ``invpt-quantize -q``, plus what the process
+    itself wrote outside the runs (key "process")."""
+    d = tmp_path_factory.mktemp("quiet")
+    cases, outs = [], {}
+    for precision, method in QUIET_CASES:
+        tag = f"{precision}-{method}"
+        outs[tag] = d / tag / f"q.{precision}.onnx"
+        cases.append(([ "--onnx", str(fp32.onnx_path), "--precision", precision, "--out", str(outs[tag]), "-q",
+                        "--calib-data", str(calib_images), "--calib-samples", "2", "--holdout-samples", "1",
+                        "--cache-dir", str(d / tag / "c"), "--calib-method", method], str(d / tag)))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "invpt.calib.cli", *args], capture_output=True, text=True, env=env,
-                          timeout=600)
+    proc = subprocess.run([sys.executable, "-c", QUIET_CHILD, json.dumps(cases)], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    codes = json.loads(proc.stdout.splitlines()[-1])
+    runs = {tag: (code, Path(log + ".stdout").read_text(), Path(log + ".stderr").read_text(), outs[tag])
+            for (tag, (_, log)), code in zip(zip(outs, cases), codes)}
+    runs["process"] = ("\n".join(proc.stdout.splitlines()[:-1]), proc.stderr)
+    return runs
 
 
-@pytest.mark.parametrize("precision,method", [("fp16", "entropy"), ("int8", "entropy"), ("int8", "max")])
-def test_quiet_silences_libraries(fp32, calib_dir, tmp_path, precision, method):
+@pytest.mark.parametrize("precision,method", QUIET_CASES)
+def test_quiet_silences_libraries(quiet_runs, precision, method):
     """-q: no ModelOpt INFO (about 215 lines per FP16 run before), no calibration progress, no NVML probe error
     (ModelOpt's min-max calibrator probes NVML: 'max'), nothing on stdout."""
-    out = tmp_path / f"q.{precision}.onnx"
-    args = ["--onnx", str(fp32.onnx_path), "--precision", precision, "--out", str(out), "-q", "--calib-data",
-            str(calib_dir), "--calib-samples", "2", "--holdout-samples", "1", "--cache-dir", str(tmp_path / "c"),
-            "--calib-method", method]
-    proc = _cli(args)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    code, stdout, stderr, out = quiet_runs[f"{precision}-{method}"]
+    assert code == 0, stderr[-3000:]
     assert out.is_file()
-    lines = proc.stderr.splitlines()
-    assert len(lines) <= 5, proc.stderr[-3000:]
-    assert not [ln for ln in lines if "NVML" in ln or "INFO" in ln], proc.stderr[-3000:]
-    assert proc.stdout == ""
+    lines = stderr.splitlines()
+    assert len(lines) <= 5, stderr[-3000:]
+    assert not [ln for ln in lines if "NVML" in ln or "INFO" in ln], stderr[-3000:]
+    assert stdout == ""
+    assert quiet_runs["process"] == ("", "")  # nor anything outside the runs (at exit, say)
 
 
-def test_verbose_shows_library_info_on_stderr(fp32, tmp_path, capsys):
-    out = tmp_path / "v.fp16.onnx"
-    assert quantize_main(["--onnx", str(fp32.onnx_path), "--precision", "fp16", "--out", str(out), "--no-verify",
-                          "-v"]) == 0
+def test_verbose_shows_library_info_on_stderr(fp32, calib_dir, tmp_path, capsys):
+    """(INT8 with 'max' on two samples: the cheapest ModelOpt run; FP16's AutoCast is the -q case above.)"""
+    out = tmp_path / "v.int8.onnx"
+    args = ["--onnx", str(fp32.onnx_path), "--precision", "int8", "--out", str(out), "--no-verify", "--calib-data",
+            str(calib_dir), "--calib-samples", "2", "--holdout-samples", "1", "--calib-method", "max",
+            "--cache-dir", str(tmp_path / "c")]
+    assert quantize_main(args + ["-v"]) == 0
     cap = capsys.readouterr()
     assert "[modelopt.onnx" in cap.err and " INFO " in cap.err  # routed through invpt's handler at -v
     assert "[modelopt]" not in cap.out and cap.out == ""
-    assert quantize_main(["--onnx", str(fp32.onnx_path), "--precision", "fp16", "--out", str(out), "--no-verify"]) == 0
+    assert quantize_main(args) == 0
     cap = capsys.readouterr()
     library_lines = [ln for ln in cap.err.splitlines() if ln.startswith("[modelopt")]
     assert not [ln for ln in library_lines if " INFO " in ln or " DEBUG " in ln]  # default: their warnings only

@@ -6,49 +6,38 @@ Builds are real (tensorrt_rtx builds ahead of time without a GPU; ~5 s per tiny 
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import cv2
 import numpy as np
 import onnx
 import pytest
 
-from invpt.calib import run_quantize
 from invpt.engines.cli import main
-from invpt.export import run_export
 from invpt.manifest import Manifest, load_manifest_for, manifest_path_for, sha256_file
+from tests.helpers import copy_artifact
 
 trt = pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX is not installed (pip install 'invpt[rtx]')")
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-# ---- fixtures: each tiny ONNX is made once per module --------------------------------------------------------
-@pytest.fixture(scope="module")
-def calib_dir(tmp_path_factory) -> Path:
+# ---- fixtures -------------------------------------------------------------------------------------------------
+@pytest.fixture
+def calib_dir(calib_images) -> Path:
     """Real photo crops (smaller than the tiny models, so the manifests' 'pad' mode applies)."""
-    root = tmp_path_factory.mktemp("engines_calib")
-    img = cv2.imread(str(REPO / "assets" / "chelsea.jpg"))
-    rng = np.random.default_rng(0)
-    for i in range(8):
-        y, x = rng.integers(0, img.shape[0] - 120), rng.integers(0, img.shape[1] - 120)
-        cv2.imwrite(str(root / f"crop{i}.png"), img[y:y + 120, x:x + 120])
-    return root
+    return calib_images
 
 
 @pytest.fixture(scope="module")
-def pascal(tiny_pascal_official_ckpt, calib_dir, tmp_path_factory) -> dict[str, Path]:
-    """tiny PASCAL at FP32, FP16 and INT8, made by the export and calib stages (names: m.onnx, m.fp16.onnx, ...)."""
+def pascal(pascal_onnx, pascal_fp16, pascal_int8, tmp_path_factory) -> dict[str, Path]:
+    """tiny PASCAL at FP32, FP16 and INT8, made by the export and calib stages (the session's, copied into one folder
+    of this module's: builds write their engines beside the ONNX they start from). Names: m.onnx, m.fp16.onnx, ..."""
     d = tmp_path_factory.mktemp("engines_pascal")
-    fp32 = run_export(tiny_pascal_official_ckpt, d / "m.onnx").onnx_path
-    cache = tmp_path_factory.mktemp("engines_cache")
-    fp16 = run_quantize(fp32, "fp16", calib_data=calib_dir, holdout_samples=2, cache_dir=cache).onnx_path
-    int8 = run_quantize(fp32, "int8", calib_data=calib_dir, calib_samples=4, holdout_samples=2, cache_dir=cache).onnx_path
-    return {"fp32": fp32, "fp16": fp16, "int8": int8}
+    return {key: copy_artifact(res.onnx_path, d)
+            for key, res in (("fp32", pascal_onnx), ("fp16", pascal_fp16), ("int8", pascal_int8))}
 
 
 @pytest.fixture(scope="module")
@@ -316,8 +305,8 @@ def test_static_batch_onnx_refuses_a_batch_range(pascal, tmp_path, capsys):
     assert _leftovers(tmp_path) == []
 
 
-def test_dynamic_batch_onnx_gets_the_batch_profile(tiny_pascal_official_ckpt, tmp_path):
-    onnx_path = run_export(tiny_pascal_official_ckpt, tmp_path / "dyn.onnx", dynamic_batch=True, verify=False).onnx_path
+def test_dynamic_batch_onnx_gets_the_batch_profile(pascal_dynamic_onnx, tmp_path):
+    onnx_path = pascal_dynamic_onnx.onnx_path  # read-only: the plans go to tmp_path
     plan = tmp_path / "dyn.plan"
     assert main(["--onnx", str(onnx_path), "--batch", "1,2,4", "--out", str(plan)]) == 0  # with the progress monitor
     man = Manifest.load(manifest_path_for(plan))
@@ -368,23 +357,19 @@ def test_precision_onnx_given_with_another_precision_is_refused(pascal, tmp_path
     assert "needs the FP32 ONNX" in capsys.readouterr().err and _leftovers(tmp_path) == []
 
 
-def _run_without_tensorrt(args: list[str]) -> subprocess.CompletedProcess:
-    code = ("import sys; sys.modules['tensorrt'] = None; sys.modules['tensorrt_rtx'] = None\n"
-            "from invpt.engines.cli import main\n"
-            f"sys.exit(main({args!r}))\n")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
-
-
-def test_without_any_tensorrt_module_says_what_to_install_and_where_the_onnx_is(pascal, tmp_path):
+def test_without_any_tensorrt_module_says_what_to_install_and_where_the_onnx_is(pascal, tmp_path, monkeypatch,
+                                                                                capsys):
+    # A None entry in sys.modules makes ``import`` raise ImportError, as on a machine without the module.
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    monkeypatch.setitem(sys.modules, "tensorrt_rtx", None)
     out = tmp_path / "e.plan"
-    r = _run_without_tensorrt(["--onnx", str(pascal["fp32"]), "--fp16", "--out", str(out)])
-    assert r.returncode == 2, r.stderr
-    assert 'pip install "invpt[rtx]"' in r.stderr and "enterprise TensorRT" in r.stderr
-    assert str(pascal["fp16"]) in r.stderr and "No engine was built" in r.stderr
+    assert main(["--onnx", str(pascal["fp32"]), "--fp16", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert 'pip install "invpt[rtx]"' in err and "enterprise TensorRT" in err
+    assert str(pascal["fp16"]) in err and "No engine was built" in err
     assert _leftovers(tmp_path) == []
-    r = _run_without_tensorrt(["--onnx", str(pascal["fp32"]), "--backend", "tensorrt", "--out", str(out)])
-    assert r.returncode == 2 and "tensorrt" in r.stderr and not out.exists()
+    assert main(["--onnx", str(pascal["fp32"]), "--backend", "tensorrt", "--out", str(out)]) == 2
+    assert "tensorrt" in capsys.readouterr().err and not out.exists()
 
 
 def test_help_is_fast_and_imports_no_heavy_module():

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,19 +12,18 @@ import pytest
 import invpt
 from invpt.compare import FP32_TOLERANCE, compare_runners
 from invpt.errors import ConfigError, DependencyError, ExportError, InputError, ManifestError
-from invpt.export import run_export
 from invpt.latency import time_interleaved, time_runner
 from invpt.manifest import manifest_path_for, sha256_file
 from invpt.runners import OnnxRuntimeRunner, PyTorchRunner, from_manifest
+from tests.helpers import copy_artifact
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def exported(tiny_pascal_official_ckpt, tmp_path_factory):
-    """The tiny PASCAL model exported with a dynamic batch (not verified: the runners are what is tested here)."""
-    return run_export(tiny_pascal_official_ckpt, tmp_path_factory.mktemp("run") / "m.onnx", dynamic_batch=True,
-                      verify=False)
+@pytest.fixture
+def exported(pascal_dynamic_onnx):
+    """The session's tiny PASCAL model exported with a dynamic batch (read-only: tests that edit it copy it)."""
+    return pascal_dynamic_onnx
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +38,11 @@ def images(model):
 
 
 @pytest.fixture(scope="module")
-def static2(exported, tmp_path_factory) -> Path:
+def static2(pascal_dynamic_onnx, tmp_path_factory) -> Path:
     """The same graph with its input fixed to batch 2 (no manifest: the runner reads the shape from the session)."""
     import onnx
 
-    proto = onnx.load(str(exported.onnx_path))
+    proto = onnx.load(str(pascal_dynamic_onnx.onnx_path))
     proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 2
     path = tmp_path_factory.mktemp("static") / "b2.onnx"
     onnx.save(proto, str(path))
@@ -52,13 +50,7 @@ def static2(exported, tmp_path_factory) -> Path:
 
 
 def _copy_artifact(exported, folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    dst = folder / exported.onnx_path.name
-    shutil.copy2(exported.onnx_path, dst)
-    shutil.copy2(exported.manifest_path, manifest_path_for(dst))
-    for name in exported.manifest.external_data:
-        shutil.copy2(exported.onnx_path.parent / name, folder / name)
-    return dst
+    return copy_artifact(exported.onnx_path, folder)
 
 
 # ----------------------------------------------------------------------------------------------- agreement
@@ -298,6 +290,7 @@ def test_calib_reference_label_says_the_onnx_was_not_verified(exported, tmp_path
     man_file = manifest_path_for(path)
     d = json.loads(man_file.read_text())
     d["parent"]["sha256"] = "0" * 64  # the recorded checkpoint no longer matches: the FP32 ONNX is the reference
+    d["verification"] = None  # what --no-verify records
     man_file.write_text(json.dumps(d))
     before = {p.name: sha256_file(p) for p in path.parent.iterdir()}
     res = run_quantize(path, "fp16", tmp_path / "q16" / "m.fp16.onnx", holdout_samples=1)
