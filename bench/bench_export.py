@@ -5,9 +5,10 @@ What it does, in order:
 1. builds the preset with random non-trivial weights (parameters and BatchNorm statistics, as the tests do)
    and saves it as an official-format checkpoint (``{'model': {'module.' + key: tensor}}``) in a temp folder;
 2. runs ``invpt.export.pipeline.run_export`` on it (verification on) in a fresh child process
-   (``python -m bench.bench_export --export-child ARGS.json``), so the child's ``ru_maxrss`` is the peak
-   resident memory of the export alone; the pipeline's steps are timed by wrapping them (load, export,
-   simplify, graph checks, verification); the parent also samples the child's RSS from /proc as a cross-check;
+   (``python -m bench.bench_export --export-child ARGS.json``), so the child's peak RSS is that of the export
+   alone; the steps' seconds and peak RSS come from the stage's own phase timer (``run_export(timer=
+   PhaseTimer(reset_peak=True))``, read from the result); the parent also samples the child's RSS from /proc as a
+   cross-check;
 3. in this process, times PyTorch eager FP32 (``fused_attn=True`` and, unless ``--no-unfused``,
    ``fused_attn=False``) against ONNX Runtime CPU on one seeded batch-1 input: warm-up runs, then
    ``--runs`` timed rounds with the backends interleaved (A, B, C, A, B, C, ...), torch and ORT using the same
@@ -47,7 +48,6 @@ from bench.common import (
     fmt_seconds,
     load_average,
     markdown_table,
-    peak_rss,
     time_interleaved,
     write_json_atomic,
 )
@@ -118,68 +118,51 @@ def _rss_kib(pid: int) -> tuple[Optional[int], Optional[int]]:
 
 
 def _export_child(args: dict) -> dict[str, Any]:
-    """Runs in the export child process: run_export with per-step timers; returns the report dict."""
+    """Runs in the export child process: run_export with its phase timer resetting the peak per phase; returns the
+    report dict."""
     import resource
 
     try:
         import torch
 
         torch.set_num_threads(args["threads"])
-        import invpt
         import invpt.export.pipeline as pipeline
 
-        phases: dict[str, float] = {}
-        peak_after: dict[str, int] = {}  # ru_maxrss (bytes) when each step ended: the step where it jumps set the peak
-        phase_peak: dict[str, int] = {}  # VmHWM during the step alone (reset before it, Linux clear_refs)
-
-        def timed(name, fn):
-            def wrapper(*a, **kw):
-                peak_rss(reset=True)
-                t0 = time.perf_counter()
-                try:
-                    return fn(*a, **kw)
-                finally:
-                    phases[name] = phases.get(name, 0.0) + time.perf_counter() - t0
-                    peak_after[name] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-                    hwm = peak_rss()
-                    if hwm:
-                        phase_peak[name] = max(phase_peak.get(name, 0), hwm)
-            return wrapper
-
-        # run_export looks these up as module globals (load_model via `from invpt import load_model`), so
-        # wrapping them here times each step without touching the pipeline's code.
-        invpt.load_model = timed("load_checkpoint", invpt.load_model)
-        pipeline.export_onnx = timed("torch_onnx_export", pipeline.export_onnx)
-        pipeline._simplify = timed("onnxslim", pipeline._simplify)
-        pipeline.check_graph = timed("graph_checks", pipeline.check_graph)
-        pipeline.check_resize_conformance = timed("graph_checks", pipeline.check_resize_conformance)
-        for name, phase in (("verify_onnx", "verification"), ("torch_reference", "verification_pytorch"),
-                            ("ort_outputs", "verification_onnxruntime"), ("_inline_weights", "inline_weights")):
-            if hasattr(pipeline, name):
-                setattr(pipeline, name, timed(phase, getattr(pipeline, name)))
+        from invpt.timing import PhaseTimer
 
         rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        # The stage's own phase timer, resetting the kernel's peak counter at every phase boundary: exact seconds and
+        # peak RSS of every phase, read from the result (nothing of the pipeline is patched).
+        timer = PhaseTimer(reset_peak=True)
         t0 = time.perf_counter()
+        cpu0 = os.times()
         res = pipeline.run_export(args["ckpt"], args["onnx"], config=args["preset"], opset=args["opset"],
                                   verify=True, dynamic_batch=args.get("dynamic_batch", False),
-                                  command=args["command"])
+                                  command=args["command"], timer=timer)
         total = time.perf_counter() - t0
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        cpu1 = os.times()
+        timings = timer.to_dict()
+        # ru_maxrss only covers the timer's last window (the timer resets the kernel's counter); the timer keeps the
+        # process's peak over all of them.
+        peak = max(timings["process_peak_rss_bytes"], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
         # Largest ru_maxrss among processes this child forked (if any). Not additive to peak_rss_bytes: a forked
         # process starts with its parent's resident pages counted, so a late fork reports the parent's RSS.
         peak_children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
         man = res.manifest
         onnx_path = Path(res.onnx_path)
         data = {d: (onnx_path.parent / d).stat().st_size for d in man.external_data}
+        phases = {k[:-2]: v for k, v in timings["seconds"].items()}
         phases["other"] = max(0.0, total - sum(phases.values()))
         census = man.export.get("op_census", {})
         return {
             "ok": True,
             "total_s": total,
             "phases_s": phases,
-            "stage_timings": man.timings,  # the export stage's own PhaseTimer (seconds and peak RSS so far per phase)
-            "peak_rss_after_phase_bytes": peak_after,
-            "peak_rss_within_phase_bytes": phase_peak,
+            "cpu_s": (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system),
+            "stage_timings": timings,  # the export stage's PhaseTimer: seconds, RSS at start, peaks per phase
+            "peak_rss_after_phase_bytes": {k[:-2]: v for k, v in timings["peak_rss_bytes"].items()},
+            "peak_rss_within_phase_bytes": {k[:-2]: v for k, v in timings["phase_peak_rss_bytes"].items()},
+            "rss_at_phase_start_bytes": {k[:-2]: v for k, v in timings["start_rss_bytes"].items()},
             "peak_rss_bytes": peak,
             "peak_rss_before_export_bytes": rss_before,
             "peak_rss_grandchildren_bytes": peak_children,
@@ -329,10 +312,11 @@ def measure_latency(ckpt: Path, onnx_path: Path, preset: str, threads: int, runs
 LEGEND = """Legend: status OK = measured; PASS / FAIL = ONNX Runtime vs PyTorch parity within / outside the FP32
 tolerance of run_export's verification (rel err = max|ORT - PyTorch| / max|PyTorch| over the verification
 inputs); SKIP = not run (flag or earlier failure); ERROR = failed (details in the JSON). Export steps are
-parts of one run_export call (load = checkpoint -> model; other = manifest, hashing, publishing); 'peak
-RSS so far' = the export process's ru_maxrss when that step ended, so the step where it jumps set the peak;
-'peak RSS in step' = the process's VmHWM during that step alone (reset before it).
-Peak RSS = ru_maxrss of the export child process (includes its imports and the loaded checkpoint). Latency: batch
+the phases of one run_export call, as its phase timer records them (check = options and checkpoint hash, load =
+checkpoint -> model, write = weights back into one file, manifest, publishing; other = outside the phases); 'peak
+RSS in step' = the process's VmHWM during that step alone (the timer resets it at every phase boundary), 'at
+start' = its RSS when the step began. Peak RSS = the export child's peak over all steps (includes its imports and
+the loaded checkpoint). Latency: batch
 1, FP32, CPU, same seeded input, backends interleaved per round; 'ratio' = ORT median / PyTorch median
 (< 1: ONNX Runtime faster); 'cores busy' = process CPU time / wall time of the timed runs (well below
 the thread count means threads waited for cores, e.g. taken by other jobs). Timings come from a shared
@@ -345,11 +329,14 @@ def report_rows(res: dict[str, Any]) -> list[list[Any]]:
     if not ex.get("ok"):
         rows.append(["export", "run_export (total)", ex.get("error", "not run"), "ERROR"])
     else:
-        rows.append(["export", "run_export wall time (total)", fmt_seconds(ex["total_s"]), "OK"])
+        cpu = f" (CPU {fmt_seconds(ex['cpu_s'])})" if ex.get("cpu_s") else ""
+        rows.append(["export", "run_export wall time (total)", fmt_seconds(ex["total_s"]) + cpu, "OK"])
         peaks = ex.get("peak_rss_after_phase_bytes", {})
         within = ex.get("peak_rss_within_phase_bytes", {})
+        start = ex.get("rss_at_phase_start_bytes", {})
         for name, t in ex["phases_s"].items():
-            peak = (f" (peak RSS in step {fmt_bytes(within[name])})" if name in within else
+            peak = (f" (peak RSS in step {fmt_bytes(within[name])}"
+                    + (f", at start {fmt_bytes(start[name])})" if name in start else ")") if name in within else
                     f" (peak RSS so far {fmt_bytes(peaks[name])})" if name in peaks else "")
             rows.append(["export", f"  step: {name}", fmt_seconds(t) + peak, "OK"])
         rows.append(["export", "peak RSS of export process", f"{fmt_bytes(ex['peak_rss_bytes'])} "

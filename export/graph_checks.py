@@ -8,6 +8,7 @@ from typing import Optional
 
 from invpt.config import InvPTConfig
 from invpt.errors import ExportError
+from invpt.onnx_summary import GraphSummary, read_summary
 
 _logger = logging.getLogger(__name__)
 
@@ -25,16 +26,23 @@ class ResizeSite:
     output_hw: Optional[tuple[int, int]]
 
 
-def check_graph(path: str | os.PathLike) -> None:
-    """``onnx.checker`` (full, with strict shape inference) on a file; any failure becomes an ExportError."""
+def check_graph(path: str | os.PathLike, summary: Optional[GraphSummary] = None) -> None:
+    """``onnx.checker`` (full, with strict shape inference) on a file, then the op rules; any failure becomes an
+    ExportError.
+
+    The checker reads the file by path (external weights stay on disk: only their files' presence is checked).
+    ``summary`` is the file's :class:`~invpt.onnx_summary.GraphSummary` when the caller has it (it just wrote the
+    file); otherwise the graph is read once more for the op rules.
+    """
     import onnx
 
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as err:
         raise ExportError(f"'{path}' fails onnx.checker (full check): {str(err).splitlines()[0][:400]}") from err
-    proto = onnx.load(str(path), load_external_data=False)
-    bad = sorted({n.op_type for n in proto.graph.node if n.op_type in FORBIDDEN_OPS})
+    if summary is None:
+        summary = read_summary(path)
+    bad = sorted({op for _, op in summary.nodes if op in FORBIDDEN_OPS})
     if bad:
         raise ExportError(f"'{path}' contains {bad}; the model must export attention as MatMul (no Einsum).")
 
@@ -59,12 +67,13 @@ def expected_resize_sizes(cfg: InvPTConfig, tasks: Optional[tuple[str, ...]] = N
     return sorted(tuple(s) for s in sizes)
 
 
-def resize_sites(path: str | os.PathLike) -> list[ResizeSite]:
-    """Every Resize node with its attributes and inferred output spatial size."""
+def resize_sites(model) -> list[ResizeSite]:
+    """Every Resize node with its attributes and inferred output spatial size. ``model`` is an ONNX file or an
+    in-memory ``ModelProto`` (e.g. the graph a stage has just written: then nothing is read again)."""
     import onnx
     from onnx import helper, shape_inference
 
-    proto = onnx.load(str(path), load_external_data=False)
+    proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model), load_external_data=False)
     inferred = shape_inference.infer_shapes(proto)
     shapes = {}
     for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
@@ -92,13 +101,13 @@ def resize_sites(path: str | os.PathLike) -> list[ResizeSite]:
 ALIGN_CORNERS_FALSE_MODES = ("half_pixel", "pytorch_half_pixel")  # what F.interpolate(align_corners=False) becomes
 
 
-def check_resize_conformance(path: str | os.PathLike, cfg: InvPTConfig,
-                             tasks: Optional[tuple[str, ...]] = None) -> list[ResizeSite]:
+def check_resize_conformance(path: str | os.PathLike, cfg: InvPTConfig, tasks: Optional[tuple[str, ...]] = None,
+                             *, proto=None) -> list[ResizeSite]:
     """Every bilinear upsampling of the model must be one ``Resize`` with mode ``linear``, a half-pixel coordinate
     mode (PyTorch's ``align_corners=False``; ``align_corners`` or ``asymmetric`` shift every output pixel) and the
     output size the spec derives (:func:`expected_resize_sizes`). Returns the sites; raises ExportError naming the
-    offending nodes otherwise."""
-    sites = resize_sites(path)
+    offending nodes otherwise. ``proto``: the file's graph when the caller holds it (not read again)."""
+    sites = resize_sites(proto if proto is not None else path)
     want = expected_resize_sizes(cfg, tasks)
     got = sorted(s.output_hw for s in sites if s.output_hw)
     problems = []

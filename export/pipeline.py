@@ -6,13 +6,15 @@ no file behind.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -38,13 +40,15 @@ from invpt.export.onnx_export import (
     DEFAULT_OPSET,
     EXTERNAL_DATA_THRESHOLD,
     check_opset,
+    compact_copy,
     ExternalData,
-    export_onnx,
-    external_data_files,
-    op_census,
+    export_graph,
+    inline_plan,
     param_bytes,
     save_onnx,
+    write_streamed,
 )
+from invpt.onnx_summary import GraphSummary, WrittenOnnx
 from invpt.compare import FP32_TOLERANCE, ParityReport, Tolerance, collect_outputs, compare_outputs
 from invpt.runners import OnnxRuntimeRunner, PyTorchRunner
 from invpt.timing import PhaseTimer
@@ -59,6 +63,7 @@ class ExportResult:
     manifest: Manifest
     parity: Optional[ParityReport]
     timings: dict = field(default_factory=dict)  # seconds per phase (also in the manifest's timings)
+    timer: Optional[PhaseTimer] = None  # the stage's phase timer: seconds and memory per phase (to_dict())
 
 
 def verification_batches(batch: int, dynamic_batch: bool) -> list[int]:
@@ -78,9 +83,29 @@ def verification_feeds(image_size: Sequence[int], batches: Sequence[int], seed: 
     return feeds
 
 
+@contextmanager
+def fused_attention(model: torch.nn.Module) -> Iterator[None]:
+    """Inside the block, the model's attention modules that can (the timm ViT blocks) use PyTorch's fused
+    scaled-dot-product attention; their setting is put back on exit.
+
+    The model is exported with explicit attention (MatMul/Softmax nodes); its PyTorch reference outputs are the same
+    function computed faster (bench/README.md; the two differ by float rounding, ~1e-6 relative).
+    """
+    saved = [(m, m.fused_attn) for m in model.modules() if isinstance(getattr(m, "fused_attn", None), bool)]
+    try:
+        for m, _ in saved:
+            m.fused_attn = True
+        yield
+    finally:
+        for m, value in saved:
+            m.fused_attn = value
+
+
 def torch_reference(model: torch.nn.Module, feeds: Sequence[np.ndarray], tasks: Sequence[str]) -> dict[str, np.ndarray]:
-    """PyTorch outputs for ``feeds``, task -> concatenated array (the model can be freed afterwards)."""
-    return collect_outputs(PyTorchRunner(model, tasks, name="pytorch-fp32"), feeds)
+    """PyTorch outputs for ``feeds``, task -> concatenated array (the model can be freed afterwards); attention runs
+    fused (:func:`fused_attention`)."""
+    with fused_attention(model):
+        return collect_outputs(PyTorchRunner(model, tasks, name="pytorch-fp32"), feeds)
 
 
 def ort_outputs(onnx_path: str | os.PathLike, feeds: Sequence[np.ndarray],
@@ -111,91 +136,54 @@ def verify_onnx(
     return compare_outputs(ref, ort_outputs(onnx_path, feeds, tasks), specs, tol)
 
 
-def _simplify(path: Path) -> Optional[dict]:
-    """Run onnxslim in place when it makes the graph smaller; returns node counts, or None if skipped."""
+def _simplify(path: Path, summary: GraphSummary):
+    """Run onnxslim in place when it makes the graph smaller. Returns ``(record, proto, summary)``: node counts (None
+    when skipped), and the saved graph and its summary when it was applied (else None, ``summary``)."""
     import onnx
 
     try:
         import onnxslim
     except ImportError:
         _logger.info("onnxslim not installed: graph simplification skipped")
-        return None
-    ext = bool(external_data_files(path))
+        return None, None, summary
+    ext = bool(summary.external_data)
     proto = onnx.load(str(path))
     before = len(proto.graph.node)
     try:
         slim = onnxslim.slim(proto)
     except Exception as err:  # a simplifier bug must not fail the export; the unsimplified graph is valid
         _logger.warning("onnxslim failed (%s); keeping the unsimplified graph", err)
-        return None
+        return None, None, summary
+    del proto
     after = len(slim.graph.node)
     if after >= before:
-        return {"applied": False, "nodes_before": before, "nodes_after": after}
-    for data in external_data_files(path):
+        return {"applied": False, "nodes_before": before, "nodes_after": after}, None, summary
+    for data in summary.external_data:
         (path.parent / data).unlink()
-    save_onnx(slim, path, ext)
-    return {"applied": True, "nodes_before": before, "nodes_after": after}
+    save_onnx(slim, path, ext)  # in place: the saved weights become references into the data file
+    if ext:
+        slim = compact_copy(slim)
+    return {"applied": True, "nodes_before": before, "nodes_after": after}, slim, GraphSummary.from_proto(slim)
 
 
 WORK_EXTERNAL_BYTES = 256 * 2**20  # above this, the staged ONNX keeps its weights external until the end
 
 
-def _inline_weights(path: Path) -> None:
+def _inline_weights(path: Path, proto) -> WrittenOnnx:
     """Put the weights of a staged ONNX back into the file (one self-contained file); its data file is removed.
 
-    Streamed: the file is written as the model's fields, then its graph field, whose initializers are read from the
-    data file and serialised one at a time (protobuf allows fields in any order, and ONNX's loaders, ONNX Runtime
-    and TensorRT parse it as any other file). Loading the model with its weights and saving it would hold the
-    weights twice (the message and its serialised bytes: +3.2 GB for ViT-L at the end of the export).
+    ``proto`` is the staged file's graph as saved (weights as references into the data file), so the file is not
+    parsed again. Streamed (:func:`~invpt.export.onnx_export.write_streamed`): each tensor's bytes are read once from
+    the data file and written, and the file is hashed as it is written. Loading the model with its weights and saving
+    it would hold the weights twice (the message and its serialised bytes: +3.2 GB for ViT-L at the end of the export).
     """
-    import onnx
-    from google.protobuf.internal.encoder import _VarintBytes
-    from onnx.external_data_helper import load_external_data_for_tensor
-
-    data = external_data_files(path)
-    proto = onnx.load(str(path), load_external_data=False)
-    inits = []
-    for init in proto.graph.initializer:
-        t = onnx.TensorProto()
-        t.CopyFrom(init)
-        inits.append(t)
-    proto.graph.ClearField("initializer")
-    graph = proto.graph.SerializeToString()
-    proto.ClearField("graph")
-    head = proto.SerializeToString()
-    del proto
-
-    def loaded(t: onnx.TensorProto) -> onnx.TensorProto:
-        if t.data_location != onnx.TensorProto.EXTERNAL:
-            return t
-        full = onnx.TensorProto()
-        full.CopyFrom(t)
-        load_external_data_for_tensor(full, str(path.parent))
-        full.data_location = onnx.TensorProto.DEFAULT
-        del full.external_data[:]
-        return full
-
-    graph_tag, init_tag = _VarintBytes((7 << 3) | 2), _VarintBytes((5 << 3) | 2)  # ModelProto.graph, .initializer
-    sizes = []
-    for t in inits:
-        sizes.append(loaded(t).ByteSize())
-    graph_len = len(graph) + sum(len(init_tag) + len(_VarintBytes(n)) + n for n in sizes)
+    data = sorted({e.value for i in proto.graph.initializer for e in i.external_data if e.key == "location"})
     tmp = path.with_name(path.name + ".inline")
-    with open(tmp, "wb") as f:
-        f.write(head)
-        f.write(graph_tag + _VarintBytes(graph_len))
-        f.write(graph)
-        for t, n in zip(inits, sizes):
-            blob = loaded(t).SerializeToString()
-            if len(blob) != n:  # the data file changed between the two passes
-                raise ExportError(f"'{path}' changed while its weights were being written into it; export again.")
-            f.write(init_tag + _VarintBytes(n))
-            f.write(blob)
-        f.flush()
-        os.fsync(f.fileno())
+    written = write_streamed(proto, tmp, inline_plan(path.parent))
     os.replace(tmp, path)
     for name in data:
         (path.parent / name).unlink()
+    return dataclasses.replace(written, path=path)
 
 
 @dataclass(frozen=True)
@@ -230,12 +218,13 @@ class ExportOptions:
 
 
 def run_export(ckpt: str | os.PathLike, out: str | os.PathLike, opts: Optional[ExportOptions] = None, *,
-               config: Optional[ConfigLike] = None, **kwargs) -> ExportResult:
+               config: Optional[ConfigLike] = None, timer: Optional[PhaseTimer] = None, **kwargs) -> ExportResult:
     """Export a checkpoint to a verified ONNX file plus its manifest. See ``invpt-export --help``.
 
     ``opts`` holds the export options; keyword arguments (``ExportOptions`` field names, ``tasks`` as any sequence)
     are accepted instead, for scripts. Everything that can be checked without the model is checked before the
-    checkpoint is read (seconds, not minutes).
+    checkpoint is read (seconds, not minutes). ``timer`` (default a new one) times the phases; a benchmark passes
+    ``PhaseTimer(reset_peak=True)`` for the exact peak memory of every phase.
 
     Raises:
         CheckpointError, ConfigError: bad checkpoint or config.
@@ -250,7 +239,7 @@ def run_export(ckpt: str | os.PathLike, out: str | os.PathLike, opts: Optional[E
         opts = ExportOptions(**kwargs)
     elif kwargs:
         raise TypeError(f"run_export: pass options either as ExportOptions or as keywords, not both ({sorted(kwargs)})")
-    timer = PhaseTimer()
+    timer = timer or PhaseTimer()
     with timer.phase("check"):
         ckpt_path = require_file(ckpt, "Checkpoint", "Pass the checkpoint file (.pth/.pth.tar) with --ckpt.",
                                  CheckpointError)
@@ -303,11 +292,21 @@ def export_model(model, out: str | os.PathLike, opts: Optional[ExportOptions] = 
         # file (+5 GB at their peak for ViT-L). The weights are put back into the file at the end (_inline_weights).
         work_external = final_external or (opts.external_data == "auto" and weights > WORK_EXTERNAL_BYTES)
         with timer.phase("torch_onnx_export"):
-            export_onnx(model, onnx_tmp, opset=opts.opset, batch=opts.batch, dynamic_batch=opts.dynamic_batch,
-                        tasks=tasks, external_data="always" if work_external else "never", metadata=meta)
+            # The graph as saved (weights as references into the data file when processed external) and its summary:
+            # the steps below use them instead of reading the file again.
+            proto, summary = export_graph(model, onnx_tmp, opset=opts.opset, batch=opts.batch,
+                                          dynamic_batch=opts.dynamic_batch, tasks=tasks,
+                                          external_data="always" if work_external else "never", metadata=meta)
+        inline = work_external and not final_external
+        with timer.phase("graph_checks"):  # the graph alone: seconds, before minutes of verification
+            check_graph(onnx_tmp, summary)
+            sites = check_resize_conformance(onnx_tmp, cfg, tasks, proto=proto)
+        if not inline:
+            del proto  # it may hold the weights (small models are processed as one file); the file has them
+            proto = None
         if opts.verify:
             # The PyTorch side of verification runs now, while the model is loaded anyway; the model is then freed
-            # before the graph checks and the ONNX Runtime session (a ViT-L held next to its session cost ~3.4 GB).
+            # before the ONNX Runtime session (a ViT-L held next to its session cost ~3.4 GB).
             with timer.phase("verification_pytorch"):
                 feeds = verification_feeds(cfg.image_size, verification_batches(opts.batch, opts.dynamic_batch), 0,
                                            opts.verify_images)
@@ -318,15 +317,19 @@ def export_model(model, out: str | os.PathLike, opts: Optional[ExportOptions] = 
         simplified = None
         if opts.simplify:
             with timer.phase("onnxslim"):
-                simplified = _simplify(onnx_tmp)
-        with timer.phase("graph_checks"):
-            check_graph(onnx_tmp)
-            sites = check_resize_conformance(onnx_tmp, cfg, tasks)
+                simplified, slim, summary = _simplify(onnx_tmp, summary)
+            if slim is not None:  # a new graph: checked again
+                with timer.phase("graph_checks"):
+                    check_graph(onnx_tmp, summary)
+                    sites = check_resize_conformance(onnx_tmp, cfg, tasks, proto=slim)
+                proto = slim if inline else None
+                del slim
         parity = None
         if opts.verify:
             with timer.phase("verification_onnxruntime"):
                 parity = compare_outputs(ref, ort_outputs(onnx_tmp, feeds, tasks), specs, opts.tolerance)
-            del ref, feeds
+                del ref, feeds
+                release_memory()
             log = _logger.info if parity.passed else _logger.error
             log("verification (ONNX Runtime CPU vs PyTorch):\n%s", parity.markdown())
             if not parity.passed:
@@ -339,27 +342,24 @@ def export_model(model, out: str | os.PathLike, opts: Optional[ExportOptions] = 
                     "--no-verify (its manifest then records that it was not verified)."
                 )
         with timer.phase("write"):
-            manifest = _export_manifest(onnx_tmp, staging, out, cfg, tasks, opts, parent, simplified, len(sites),
-                                        parity, work_external and not final_external, timer)
+            if inline:  # one file again, hashed while it is written
+                written = _inline_weights(onnx_tmp, proto)
+                del proto
+            else:
+                written = WrittenOnnx(onnx_tmp, sha256_file(onnx_tmp), summary, summary.external_data)
+            manifest = _export_manifest(written, staging, out, cfg, tasks, opts, parent, simplified, len(sites),
+                                        parity, timer)
             manifest.save(manifest_path_for(onnx_tmp))
             publish(staging, out, list(manifest.external_data), error_cls=ExportError)
-    return ExportResult(out, manifest_path_for(out), manifest, parity, dict(timer.seconds))
+    return ExportResult(out, manifest_path_for(out), manifest, parity, dict(timer.seconds), timer)
 
 
-def _export_manifest(onnx_tmp: Path, staging: Path, out: Path, cfg, tasks: tuple[str, ...], opts: ExportOptions,
-                     parent: Optional[dict], simplified: Optional[dict], resize_nodes: int, parity,
-                     inline: bool, timer: PhaseTimer) -> Manifest:
-    """The FP32 ONNX's manifest (after putting the weights back into the file when they were only external for the
-    processing)."""
-    import onnx
-
-    proto = onnx.load(str(onnx_tmp), load_external_data=False)
-    census = op_census(proto)
-    del proto
-    if inline:
-        _inline_weights(onnx_tmp)
-    data_files = external_data_files(onnx_tmp)
-    size = onnx_tmp.stat().st_size + sum((staging / d).stat().st_size for d in data_files)
+def _export_manifest(written: WrittenOnnx, staging: Path, out: Path, cfg, tasks: tuple[str, ...],
+                     opts: ExportOptions, parent: Optional[dict], simplified: Optional[dict], resize_nodes: int, parity,
+                     timer: PhaseTimer) -> Manifest:
+    """The FP32 ONNX's manifest, from what was written (``written``: its sha256 and graph summary, not read again)."""
+    data_files = list(written.external_data)
+    size = written.path.stat().st_size + sum((staging / d).stat().st_size for d in data_files)
     inputs, outputs = io_for_config(cfg, "batch" if opts.dynamic_batch else opts.batch, tasks)
     return Manifest(
         artifact=out.name,
@@ -369,7 +369,7 @@ def _export_manifest(onnx_tmp: Path, staging: Path, out: Path, cfg, tasks: tuple
         inputs=inputs,
         outputs=outputs,
         preprocessing=Preprocessing(size=tuple(cfg.image_size), mode=opts.preprocess_mode),
-        sha256=sha256_file(onnx_tmp),
+        sha256=written.sha256,
         size_bytes=size,
         external_data=tuple(data_files),
         parent=parent,
@@ -379,7 +379,7 @@ def _export_manifest(onnx_tmp: Path, staging: Path, out: Path, cfg, tasks: tuple
             "batch": "dynamic" if opts.dynamic_batch else opts.batch,
             "tasks": list(tasks),
             "simplified": simplified,
-            "op_census": census,
+            "op_census": written.summary.op_census,
             "resize_nodes": resize_nodes,
         },
         verification=parity.to_dict() if parity else None,
