@@ -39,7 +39,8 @@ def main(argv=None) -> int:
     p.add_argument("--holdout", type=int, default=2, help="held-out samples for the parity check (default 2)")
     p.add_argument("--method", default="entropy", choices=("entropy", "max", "percentile"), help="calibration method")
     p.add_argument("--calibrate-per-node", action=argparse.BooleanOptionalAction, default=None,
-                   help="force node-by-node (bounded memory) or whole-graph calibration (default: by model size)")
+                   help="let ModelOpt calibrate itself, node by node or the whole graph (default: invpt measures the "
+                        "ranges with bounded memory and ModelOpt inserts Q/DQ)")
     p.add_argument("--runs", type=int, default=3, help="timed ORT runs per model (default 3; ViT-L takes ~10 s a run)")
     p.add_argument("--fp16", action="store_true", help="also produce and time the FP16 model")
     p.add_argument("--out", default="bench/results/calib.json", help="JSON output (a .md table is written beside it)")
@@ -79,6 +80,7 @@ def main(argv=None) -> int:
                             calibrate_per_node=args.calibrate_per_node)
         results["int8_quantize_s"] = time.perf_counter() - t0
         results["calibrate_per_node"] = int8.manifest.calibration.get("per_node")
+        results["calibration_engine"] = int8.manifest.calibration.get("engine")  # see calib.int8.calibration_engine
         results["int8_phases_s"] = int8.timings
         results["int8_peak_rss_bytes"] = peak_rss(reset=True)  # percentile runs in a child: not counted here
         results["int8_parity"] = int8.parity.to_dict()
@@ -107,7 +109,8 @@ def main(argv=None) -> int:
     ph = results["int8_phases_s"]
     parity = results["int8_parity"]
     worst = max(t["rel_err"] for t in parity["tasks"].values())
-    mode = {True: ", node by node", False: ", whole graph"}.get(results.get("calibrate_per_node"), "")
+    mode = {"modelopt-per-node": ", ModelOpt node by node", "modelopt-whole-graph": ", ModelOpt whole graph",
+            "invpt-ranges": ", ranges by invpt"}.get(results.get("calibration_engine") or "", "")
     summary = (f"{args.preset}: INT8 calibration ({args.method}, {args.samples} samples{mode}) took "
                f"{fmt_seconds(ph.get('calibrate_s', float('nan')))}; with data preparation, the FP32 PyTorch reference "
                f"and held-out parity ({args.holdout} images) {fmt_seconds(results['int8_quantize_s'])}. "

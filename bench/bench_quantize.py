@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -69,6 +70,26 @@ def run(cli_args: list[str], poll_s: float = 0.5) -> dict[str, Any]:
             "rss_samples": samples, "log": lines}
 
 
+def phase_peaks(log: list[str], samples: list[tuple[float, int]], wall_s: float) -> list[dict[str, Any]]:
+    """Peak RSS between consecutive invpt log lines (each line ``"  12.3 [invpt] INFO ..."``): the memory of the phase
+    a line opens, e.g. from "INT8 ... calibration" to "... ranges of N tensors" is the range measurement."""
+    marks = [(0.0, "start")]
+    for line in log:
+        if "[invpt]" not in line or " DEBUG " in line:
+            continue
+        t, _, text = line.strip().partition(" ")
+        try:
+            marks.append((float(t), text.split(" INFO ", 1)[-1].strip()[:120]))
+        except ValueError:
+            continue
+    out = []
+    for (t0, what), (t1, _) in zip(marks, marks[1:] + [(wall_s, "end")]):
+        inside = [b for t, b in samples if t0 <= t < t1]
+        out.append({"from_s": round(t0, 1), "to_s": round(t1, 1), "after": what,
+                    "peak_rss_bytes": max(inside) if inside else None})
+    return out
+
+
 def _out_path(cli_args: list[str]) -> Path | None:
     a = {k: v for k, v in zip(cli_args, cli_args[1:])}
     if "--out" in a:
@@ -86,7 +107,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     cli = args.cli[1:] if args.cli[:1] == ["--"] else args.cli
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    load_before = os.getloadavg()
     res = run(cli)
+    load_after = os.getloadavg()
     out = _out_path(cli)
     man = None
     if res["exit_code"] == 0 and out is not None and out.with_suffix(".json").is_file():
@@ -95,6 +118,9 @@ def main(argv=None) -> int:
         "schema": SCHEMA, "started": started, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": command_line(), "quantize_args": cli, **{k: v for k, v in res.items() if k != "log"},
         "phase_log": [line for line in res["log"] if "[invpt]" in line and " DEBUG " not in line][:200],
+        "phase_peaks": phase_peaks(res["log"], res["rss_samples"], res["wall_s"]),
+        # the machine is shared: 1/5/15-minute load averages when the run started and ended (2 cores)
+        "load_average": {"before": [round(x, 2) for x in load_before], "after": [round(x, 2) for x in load_after]},
         "output": str(out) if out else None,
         "output_bytes": out.stat().st_size if out and out.is_file() else None,
         "verification": (man or {}).get("verification"),
@@ -110,6 +136,10 @@ def main(argv=None) -> int:
     for task, t in ((report["verification"] or {}).get("tasks") or {}).items():
         rows.append([f"parity {task}", f"rel err {t.get('rel_err'):.3g}, cosine {t.get('cosine'):.6f}"])
     print(markdown_table(["measure", "value"], rows))
+    print()
+    print(markdown_table(["from (s)", "to (s)", "peak RSS", "after the line"],
+                         [[p["from_s"], p["to_s"], fmt_bytes(p["peak_rss_bytes"]), p["after"]]
+                          for p in report["phase_peaks"]]))
     return 0 if res["exit_code"] == 0 else 1
 
 

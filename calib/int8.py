@@ -1,7 +1,10 @@
 """INT8 explicit quantization (Q/DQ) calibrated on real samples.
 
-``entropy`` and ``max`` use NVIDIA ModelOpt's ONNX PTQ (the tool TensorRT 11 documents); ``percentile``
-uses onnxruntime's ``quantize_static`` (ModelOpt has no percentile INT8 calibrator). Both quantize
+``entropy`` and ``max`` end in NVIDIA ModelOpt's ONNX PTQ (the tool TensorRT 11 documents). By default invpt measures
+the activation ranges itself with bounded memory and ModelOpt only inserts the Q/DQ nodes
+(:mod:`invpt.calib.ranges`: the same ranges and the same graph as ModelOpt's own calibration, at a fraction of its
+memory); ``per_node=True`` / ``False`` lets ModelOpt calibrate itself, node by node or the whole graph at once.
+``percentile`` uses onnxruntime's ``quantize_static`` (ModelOpt has no percentile INT8 calibrator). All quantize
 Conv/MatMul/Gemm with per-channel weight scales and leave the excluded nodes in FP32.
 """
 from __future__ import annotations
@@ -64,8 +67,51 @@ def whole_graph_step_batch(onnx_path: str | os.PathLike, budget: int | None = No
                       MAX_CALIBRATION_BATCH)
 
 
+ENGINE_RANGES = "invpt-ranges"           # invpt measures the ranges (bounded memory), ModelOpt inserts Q/DQ
+ENGINE_MODELOPT_WHOLE = "modelopt-whole-graph"
+ENGINE_MODELOPT_PER_NODE = "modelopt-per-node"
+ENGINE_ORT = "onnxruntime"               # percentile: onnxruntime's quantize_static
+
+
+def calibration_engine(onnx_path: str | os.PathLike, method: str, per_node: bool | None = None) -> str:
+    """Who calibrates: onnxruntime for ``percentile``; for ``entropy``/``max``, invpt's bounded-memory ranges
+    (:mod:`invpt.calib.ranges`) unless ``per_node`` asks for ModelOpt's own calibration (True: node by node, False:
+    whole graph). Where the installed ModelOpt lacks a function the ranges path calls, or the model's opset is older
+    than ModelOpt's INT8 output (ModelOpt converts it first), ModelOpt calibrates itself (by size, see
+    :func:`calibrates_per_node`) and a warning says why."""
+    if method == "percentile":
+        return ENGINE_ORT
+    if per_node is not None:
+        return ENGINE_MODELOPT_PER_NODE if per_node else ENGINE_MODELOPT_WHOLE
+    why = _ranges_unsupported(onnx_path)
+    if why is None:
+        return ENGINE_RANGES
+    fallback = ENGINE_MODELOPT_PER_NODE if calibrates_per_node(onnx_path) else ENGINE_MODELOPT_WHOLE
+    _logger.warning("INT8 ranges are measured by ModelOpt itself (%s) because %s.", fallback, why)
+    return fallback
+
+
+def _ranges_unsupported(onnx_path: str | os.PathLike) -> str | None:
+    import onnx
+
+    from invpt.calib.ranges import MIN_OPSET, lean_path_supported
+
+    try:
+        missing = lean_path_supported()
+    except DependencyError:
+        return None  # the quantizer reports the missing extra
+    if missing:
+        return f"nvidia-modelopt {library_version('nvidia-modelopt')} has no {missing}"
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < MIN_OPSET:
+        return f"the model's opset is {opset} (ModelOpt converts models older than {MIN_OPSET} first)"
+    return None
+
+
 def calibrates_per_node(onnx_path: str | os.PathLike, per_node: bool | None = None) -> bool:
-    """Whether ModelOpt calibrates ``onnx_path`` node by node: ``per_node`` if given, else for models over 256 MB.
+    """Whether ModelOpt, when it calibrates itself (see :func:`calibration_engine`), calibrates ``onnx_path`` node by
+    node: ``per_node`` if given, else for models over 256 MB.
 
     Whole-graph calibration keeps every intermediate tensor of every sample until it builds the histograms
     (ViT-L: 229 s and ~21 GiB for 2 samples; 8 samples exceeded 24 GB); node-by-node calibration bounds memory
@@ -79,14 +125,17 @@ def calibrates_per_node(onnx_path: str | os.PathLike, per_node: bool | None = No
 
 def quantize_int8(onnx_path: str | os.PathLike, out_path: str | os.PathLike, calib: np.ndarray, method: str,
                   exclude_nodes: Sequence[str], input_name: str = "image", per_node: bool | None = None, *,
-                  input_is_private: bool = False, samples_per_step: int | None = None) -> Path:
+                  input_is_private: bool = False, samples_per_step: int | None = None,
+                  report: dict | None = None) -> Path:
     """Write a Q/DQ INT8 model of ``onnx_path`` calibrated on ``calib`` [N, 3, H, W].
 
-    ``per_node`` picks ModelOpt's node-by-node calibration (see ``calibrates_per_node``; None = by model size).
-    ``samples_per_step`` caps the batch of one calibration step of a dynamic-batch model (None: for whole-graph
-    calibration, whose memory grows with the step's batch, as many as :func:`whole_graph_step_batch` allows (ViT-L:
-    one); node by node, where each step costs one session per node, up to ``MAX_CALIBRATION_BATCH``).
-    The onnxruntime ``percentile`` path has no such mode and ignores it.
+    ``per_node`` None (default): invpt measures the ranges with bounded memory and ModelOpt inserts the Q/DQ nodes
+    (see :func:`calibration_engine`); True / False: ModelOpt calibrates itself, node by node / the whole graph.
+    ``samples_per_step`` caps the batch of one calibration step of a dynamic-batch model (None: as many as
+    :func:`whole_graph_step_batch` allows (ViT-L: one), the steps whose ranges ModelOpt's whole-graph calibration
+    folds in one at a time; node by node, where each step costs one session per node, up to
+    ``MAX_CALIBRATION_BATCH``). The onnxruntime ``percentile`` path has no such mode and ignores it. When ``report``
+    is a dict it receives the engine and, for invpt's ranges, what was measured and the time of each phase.
 
     The quantizer never sees ``onnx_path`` itself (ModelOpt rewrites its input in place, onnxruntime writes beside
     it): it gets a :func:`~invpt.artifacts.private_copy` in ``out_path``'s folder, removed afterwards. A caller that
@@ -98,7 +147,8 @@ def quantize_int8(onnx_path: str | os.PathLike, out_path: str | os.PathLike, cal
     if calib is None or len(calib) == 0:
         raise InputError("INT8 needs calibration samples; invpt never calibrates on random data (pass --calib-data).")
     out_path = Path(out_path)
-    per_node = calibrates_per_node(onnx_path, per_node)
+    engine = calibration_engine(onnx_path, method, per_node)
+    per_node = engine == ENGINE_MODELOPT_PER_NODE
     if samples_per_step is None:
         samples_per_step = (MAX_CALIBRATION_BATCH if per_node or method == "percentile"
                             else whole_graph_step_batch(onnx_path))
@@ -106,12 +156,72 @@ def quantize_int8(onnx_path: str | os.PathLike, out_path: str | os.PathLike, cal
     if len(calib) % batch:
         raise InputError(f"'{onnx_path}' has a static batch of {batch}; give a multiple of {batch} calibration "
                          f"samples (got {len(calib)}).")
+    info: dict = {"engine": engine, "samples_per_step": batch}
     with _library_input(Path(onnx_path), out_path.parent, input_is_private) as src:
-        if method == "percentile":
+        if engine == ENGINE_ORT:
             _quantize_ort(src, out_path, calib, exclude_nodes, input_name, batch)
+        elif engine == ENGINE_RANGES:
+            info.update(_quantize_ranges(src, out_path, calib, method, exclude_nodes, input_name, batch))
         else:
             _quantize_modelopt(src, out_path, calib, method, exclude_nodes, input_name, batch, dynamic, per_node)
+    if report is not None:
+        report.clear()
+        report.update(info)
     return out_path
+
+
+def _quantize_ranges(src: Path, out: Path, calib: np.ndarray, method: str, exclude: Sequence[str], input_name: str,
+                     batch: int) -> dict:
+    """invpt's ranges, then ModelOpt's Q/DQ insertion (:mod:`invpt.calib.ranges`), in a work folder beside ``out``
+    (the prepared model and its weights; removed afterwards). Returns what :func:`quantize_int8` reports."""
+    import time
+
+    from invpt.calib import ranges
+
+    steps = len(calib) // batch
+    _logger.info("INT8 %s calibration: %d sample(s) in %d step(s) of batch %d, ranges measured by invpt (bounded "
+                 "memory), Q/DQ inserted by ModelOpt", method, len(calib), steps, batch)
+    seconds: dict = {}
+    patterns = exact_name_regexes(exclude)
+    with tempfile.TemporaryDirectory(prefix=".invpt-int8.", dir=out.parent) as tmp, \
+            modelopt_logging(cpu_only=True) as level:
+        t = time.perf_counter()
+        try:
+            prepared = ranges.prepare_model(src, Path(tmp) / "input.onnx")
+        except (DependencyError, ToolError):
+            raise
+        except Exception as err:
+            raise ToolError.from_exception("ModelOpt", "preprocessing a copy of the model for INT8", err,
+                                           "nvidia-modelopt") from err
+        seconds["prepare"] = time.perf_counter() - t
+        _logger.info("INT8: model prepared for ModelOpt (weights in one external file) in %.1f s", seconds["prepare"])
+        shape = {input_name: [batch, *calib.shape[1:]]}
+        t = time.perf_counter()
+        plan = ranges.plan_quantization(prepared, QUANTIZABLE_OPS, patterns, shape)
+        seconds["plan"] = time.perf_counter() - t
+        _logger.info("INT8: %d nodes to quantize, %d activation tensors to measure (%.2f GiB a step)",
+                     len(plan.nodes), len(plan.tensors), plan.step_bytes() / 2**30)
+        feeds = [{input_name: calib[i:i + batch]} for i in range(0, len(calib), batch)]
+        try:
+            measured, rep = ranges.compute_ranges(prepared, plan, feeds, method,
+                                                  progress=logging.getLogger("invpt").isEnabledFor(logging.WARNING))
+        except (DependencyError, ToolError):
+            raise
+        except Exception as err:
+            raise ToolError.from_exception("onnxruntime", f"measuring INT8 {method} ranges of a copy of the model",
+                                           err) from err
+        seconds["ranges"] = rep.seconds
+        _logger.info("INT8 %s ranges of %d tensors: %d step(s), %d session(s), %.1f s", method, rep.tensors, rep.steps,
+                     rep.sessions, rep.seconds)
+        t = time.perf_counter()
+        ranges.quantize_with_ranges(prepared, out, plan, measured, method, patterns, QUANTIZABLE_OPS, shape, level)
+        seconds["insert_qdq"] = time.perf_counter() - t
+        _logger.info("INT8: Q/DQ nodes inserted by ModelOpt in %.1f s", seconds["insert_qdq"])
+        del measured
+    if not out.exists():
+        raise ToolError(f"ModelOpt {library_version('nvidia-modelopt')} reported success but wrote no '{out}'; "
+                        "re-run with -v and report it.", "ModelOpt", library_version("nvidia-modelopt"))
+    return {"plan": plan.to_dict(), "ranges": rep.to_dict(), "seconds": {k: round(v, 2) for k, v in seconds.items()}}
 
 
 @contextmanager

@@ -4,6 +4,8 @@
   ReferenceRunner would, whether the tensors are exposed in one chunk or many, and the FP16 graph is the same.
 * Checkpoints are memory-mapped and assigned to a meta-built model (one copy of the weights).
 * Export verification frees the PyTorch model before the ONNX Runtime session opens.
+* INT8: ModelOpt's own whole-graph calibration folds each step into its ranges (steps give the scales of one feed);
+  invpt's bounded-memory ranges (the default) are pinned in tests/test_int8_ranges.py.
 * The preflight estimate refuses, with exit 2 and before any work, a configuration the machine cannot hold.
 """
 from __future__ import annotations
@@ -237,10 +239,39 @@ def test_whole_graph_int8_estimate_follows_the_step_not_the_sample_count():
     msg = str(err.value)
     assert "18.5 GiB is available" in msg and "Options that fit: --calibrate-per-node" not in msg and "\n" not in msg
     per_node = preflight.estimate_quantize(size, "int8", per_node=True, sample_activation_bytes=act)
-    assert any("--no-calibrate-per-node" in a for a, _ in per_node.alternatives)
-    with pytest.raises(preflight.InsufficientMemoryError, match="Options that fit: --no-calibrate-per-node"):
+    assert any(a.startswith("--no-calibrate-per-node") for a, _ in per_node.alternatives)
+    with pytest.raises(preflight.InsufficientMemoryError,
+                       match="Options that fit: leave out --calibrate-per-node .*; --no-calibrate-per-node"):
         preflight.check_memory(per_node, "m.onnx", available=int(18.0 * 2**30))
     assert preflight.check_memory(est32, available=64 * 2**30) == 64 * 2**30
+
+
+def test_int8_ranges_estimate_fits_vitl_in_8_gb_and_refuses_less():
+    """The default INT8 path (invpt's ranges, then ModelOpt's Q/DQ insertion): ViT-L measured at 7.3 GiB for 32
+    samples, max and entropy alike; its peak is ModelOpt's insertion, whatever the number of samples."""
+    size, act, ranged = 1_666_342_224, int(12.85 * 2**30), int(4.59 * 2**30)  # ViT-L PASCAL (tensor_bytes)
+    est = preflight.estimate_quantize(size, "int8", calib_samples=32, sample_activation_bytes=act,
+                                      sample_range_bytes=ranged)
+    assert est.parts.keys() >= {"prepare", "ranges", "insert_qdq"} and "calibrate" not in est.parts
+    assert max(est.parts, key=lambda k: est.parts[k]) == "insert_qdq"
+    assert 7.0 * 2**30 < est.peak_bytes < 7.8 * 2**30 and est.alternatives == []
+    assert preflight.estimate_quantize(size, "int8", calib_samples=4, sample_activation_bytes=act,
+                                       sample_range_bytes=ranged).peak_bytes == est.peak_bytes
+    # one step's exposed tensors are capped by the session chunk, however many samples a step takes
+    big_step = preflight.estimate_quantize(size, "int8", sample_activation_bytes=act, sample_range_bytes=ranged,
+                                           samples_per_step=8)
+    grown = big_step.parts["ranges"] - est.parts["ranges"]
+    assert abs(grown - preflight.INT8_RANGES_PER_ACTIVATION * 7 * act) < 8  # only the forward pass grows
+    whole = preflight.estimate_quantize(size, "int8", per_node=False, sample_activation_bytes=act)
+    assert whole.peak_bytes > 2 * est.peak_bytes
+    with pytest.raises(preflight.InsufficientMemoryError, match=r"needs an estimated 7\.\d GiB.*6\.0 GiB is available"):
+        preflight.check_memory(est, "m.onnx", available=6 * 2**30)
+    assert preflight.check_memory(est, available=8 * 2**30) == 8 * 2**30
+
+
+def test_tensor_bytes_of_the_tiny_graph(tiny_onnx):
+    act, ranged = preflight.tensor_bytes(tiny_onnx, 1)
+    assert act == preflight.activation_bytes(tiny_onnx, 1) and 0 < ranged < act
 
 
 def test_step_batch():
@@ -375,9 +406,10 @@ def test_quantize_preflight_on_the_tiny_model(tiny_onnx, monkeypatch):
     """The call invpt-quantize makes before any work (see bench/README.md): refused when memory is short."""
     monkeypatch.delenv(preflight.SKIP_ENV, raising=False)
     monkeypatch.setattr(preflight, "mem_available_bytes", lambda *a, **k: 64 * 2**20)
-    with pytest.raises(preflight.InsufficientMemoryError, match="invpt-quantize --precision int8"):
-        preflight.check_quantize_memory(tiny_onnx, "int8", verify=True, per_node=False, calib_samples=32,
-                                        method="entropy")
+    for per_node in (None, False):  # invpt's ranges (the default), ModelOpt's whole graph
+        with pytest.raises(preflight.InsufficientMemoryError, match="invpt-quantize --precision int8"):
+            preflight.check_quantize_memory(tiny_onnx, "int8", verify=True, per_node=per_node, calib_samples=32,
+                                            method="entropy")
     monkeypatch.setattr(preflight, "mem_available_bytes", lambda *a, **k: 512 * 2**30)
     est = preflight.check_quantize_memory(tiny_onnx, "fp16", verify=True, per_node=False, calib_samples=1,
                                           method="entropy")
