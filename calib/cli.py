@@ -20,10 +20,11 @@ EXAMPLES = """examples:
   invpt-quantize --onnx model.onnx --precision int8 --calib-data video.mp4 --sensitivity --budget semseg=0.03,normals=0.05
   invpt-quantize --onnx model.onnx --list-terms                                    # model terms a policy can name
 
-Large models (over 256 MB, e.g. ViT-L) calibrate node by node to bound memory; each calibration step then
-walks every node, so fewer, larger steps are faster: a --dynamic-batch export calibrates up to 16 samples per
-step, a static batch-1 export takes one step per sample. With RAM to spare, --no-calibrate-per-node calibrates
-the whole graph at once instead. Measured times and memory: bench/README.md.
+entropy and max: invpt measures the activation ranges itself, in ONNX Runtime sessions that expose a bounded
+share of the tensors ModelOpt will quantize and fold each step into ModelOpt's own accumulators, then ModelOpt
+inserts the Q/DQ nodes from those ranges (the same model as ModelOpt calibrating itself; memory bounded by the
+model, not the number of samples). --calibrate-per-node / --no-calibrate-per-node let ModelOpt calibrate itself
+instead (node by node, or the whole graph at once). Measured times and memory: bench/README.md.
 
 Tolerances vs FP32 PyTorch on held-out samples (pass/fail, exit 3 on fail):
   fp16: rel err <= 1e-2, cosine >= 0.9999, agreement >= 0.99
@@ -80,11 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib-method", choices=("entropy", "max", "percentile"), default="entropy",
                    help="activation range calibration (default entropy)")
     c.add_argument("--calibrate-per-node", action=argparse.BooleanOptionalAction, default=None,
-                   help="entropy/max: calibrate node by node (memory bounded by one node's tensors; slow, as it walks "
-                   "every node once per step) or, with --no-calibrate-per-node, the whole graph at once (much faster, "
-                   "but memory grows with the model and the number of samples: choose it for small models, or for a "
-                   "few samples of a large one on a machine with RAM to spare). Default: node by node for models over "
-                   "256 MB. Ignored by percentile")
+                   help="entropy/max: let ModelOpt calibrate itself, node by node (memory bounded by one node's "
+                   "tensors, slow) or, with --no-calibrate-per-node, the whole graph at once (memory grows with the "
+                   "model's copies and one step's tensors). Default (neither flag): invpt measures the ranges with "
+                   "bounded memory and ModelOpt inserts Q/DQ from them, the same model; choose a flag only to compare "
+                   "with ModelOpt's own calibration. Ignored by percentile")
     c.add_argument("--dataset", choices=("pascal_context", "nyud_v2", "folder", "video", "image"), default=None,
                    help="how to read --calib-data when detection is not what you want, e.g. a db_root holding both "
                    "PASCALContext/ and NYUDv2/ (default: detected from the path)")

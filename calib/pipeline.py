@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import os
 import sys
 from collections import Counter
@@ -25,8 +26,8 @@ from invpt.calib.evaluate import (
     REFERENCE_PYTORCH,
     evaluate,
 )
-from invpt.calib.fp16 import convert_fp16
-from invpt.calib.int8 import CALIB_METHODS, calibrates_per_node, quantize_int8
+from invpt.calib.fp16 import convert_fp16_model
+from invpt.calib.int8 import CALIB_METHODS, ENGINE_MODELOPT_PER_NODE, quantize_int8
 from invpt.calib.policy import select_nodes
 from invpt.compare import ComparisonResult
 from invpt.errors import CheckpointError, ExportError, InputError, ManifestError, VerificationError
@@ -36,6 +37,7 @@ from invpt.manifest import Manifest, manifest_path_for, now_iso, parent_record, 
 from invpt.paths import require_file
 from invpt.runners import OnnxRuntimeRunner, PyTorchRunner, Runner
 from invpt.preflight import check_quantize_memory
+from invpt.onnx_summary import WrittenOnnx
 from invpt.timing import PhaseTimer
 
 _logger = logging.getLogger(__name__)
@@ -59,11 +61,12 @@ def default_out(onnx_path: Path, precision: str) -> Path:
     return onnx_path.with_name(f"{onnx_path.stem}.{precision}.onnx")
 
 
-def graph_audit(path: Path) -> dict:
-    """What the produced graph contains: Q/DQ pairs and what consumes them, Casts, op census."""
+def graph_audit(path) -> dict:
+    """What the produced graph contains: Q/DQ pairs and what consumes them, Casts, op census. ``path`` is the file,
+    or its graph (``onnx.ModelProto``) when the stage holds it (not read again)."""
     import onnx
 
-    proto = onnx.load(str(path), load_external_data=False)
+    proto = path if isinstance(path, onnx.ModelProto) else onnx.load(str(path), load_external_data=False)
     consumers: dict[str, list] = {}
     for n in proto.graph.node:
         for i in n.input:
@@ -175,7 +178,7 @@ class QuantizeOptions:
     calib_samples: int = 32
     holdout_samples: int = 4
     calib_method: str = "entropy"
-    calibrate_per_node: Optional[bool] = None  # None: by model size (see calibrates_per_node)
+    calibrate_per_node: Optional[bool] = None  # None: invpt measures the ranges; True/False: ModelOpt calibrates itself
     dataset: Optional[str] = None  # force a reader: pascal_context, nyud_v2, folder, video, image
     split: str = "val"
     video_step: int = 1
@@ -227,6 +230,12 @@ class QuantizeOptions:
             raise InputError(f"--video-step must be >= 1, got {self.video_step}.")
         if self.sensitivity and self.precision != "int8":
             raise InputError("--sensitivity applies to --precision int8.")
+        for task, budget in self.budgets or ():
+            if not (math.isfinite(budget) and budget > 0):
+                raise InputError(
+                    f"--budget {task}={budget}: a budget is the relative L2 error a task may lose to INT8, a finite "
+                    "number > 0 (e.g. semseg=0.03); for no loss at all use --precision fp16 or --keep that task's head."
+                )
         if self.calib_data is not None and not Path(self.calib_data).exists():
             raise InputError(
                 f"Calibration data '{self.calib_data}' does not exist. Pass a PASCAL-Context or NYUD-v2 root (official "
@@ -264,8 +273,12 @@ def check_inputs(onnx_path: str | os.PathLike, opts: QuantizeOptions) -> _Inputs
     # Before any heavy work: stop at once (exit 2, with the figure and the option that fits) if this machine clearly
     # cannot hold the stage's estimated peak, instead of being killed minutes in.
     check_quantize_memory(onnx_path, opts.precision, verify=opts.verify or opts.sensitivity,
-                          per_node=calibrates_per_node(onnx_path, opts.calibrate_per_node),
+                          per_node=opts.calibrate_per_node,
                           calib_samples=opts.calib_samples, method=opts.calib_method, model_bytes=manifest.size_bytes)
+    unknown = sorted({t for t, _ in opts.budgets or ()} - set(manifest.tasks))
+    if unknown:
+        raise InputError(f"--budget names task(s) {', '.join(unknown)} that '{onnx_path}' does not predict; its tasks "
+                         f"are {', '.join(manifest.tasks)}.")
     ckpt = str(opts.ckpt) if opts.ckpt is not None else None
     ref_ckpt = resolve_reference_checkpoint(manifest, manifest_file, ckpt) if (opts.verify or opts.sensitivity) else None
     return _Inputs(onnx_path, manifest, manifest_file, out, ref_ckpt)
@@ -307,21 +320,27 @@ def reference_outputs(inputs: _Inputs, src: Path, images: np.ndarray) -> tuple[d
 
 
 def convert(src: Path, tmp_out: Path, opts: QuantizeOptions, selection, data: Optional[CalibrationData],
-            per_node: bool) -> dict:
+            per_node: Optional[bool]) -> tuple[dict, Optional[WrittenOnnx]]:
     """Step 5: FP16 conversion or INT8 quantization of the private copy; returns the audit of the produced graph
-    (for FP16 with the nodes the data-range rule kept in FP32 under ``data_range_rule``)."""
+    (for FP16 with the nodes the data-range rule kept in FP32 under ``data_range_rule``) and, where the stage wrote the
+    file itself (FP16), what it wrote (sha256 and graph summary: the file is not read again for them)."""
     rng: dict = {}
+    written = None
     if opts.precision == "fp16":
-        convert_fp16(src, tmp_out, selection.kept_nodes, selection.policy.keep_op_types,
-                     range_inputs=data.calib if data is not None else None, range_report=rng, seed=opts.seed)
+        fp16 = convert_fp16_model(src, tmp_out, selection.kept_nodes, selection.policy.keep_op_types,
+                                  range_inputs=data.calib if data is not None else None, seed=opts.seed)
+        rng = fp16.range_rule.to_dict() if fp16.range_rule else {"data_max": None}
+        written = fp16.written
     else:
+        calib_report: dict = {}
         quantize_int8(src, tmp_out, data.calib, opts.calib_method, selection.kept_nodes, per_node=per_node,
-                      input_is_private=True)
-    check_graph(tmp_out)
-    audit = graph_audit(tmp_out)
+                      input_is_private=True, report=calib_report)
+    check_graph(tmp_out, written.summary if written else None)  # the produced file, by path: the one full check
+    audit = graph_audit(fp16.graph if written else tmp_out)
     if rng:
         audit["data_range_rule"] = rng
     if opts.precision == "int8":
+        audit["int8_calibration"] = calib_report  # engine (see calibration_engine), what was measured, phase seconds
         bad = {op: n for op, n in audit["dq_consumers"].items() if op in NEVER_QUANTIZED}
         if bad:  # a tool failure, not a precision trade-off: keeping more in FP32 would not fix it
             raise ExportError(
@@ -329,7 +348,7 @@ def convert(src: Path, tmp_out: Path, opts: QuantizeOptions, selection, data: Op
                 f"({', '.join(NEVER_QUANTIZED)} are never quantized); '{tmp_out.name}' was not written. This is a "
                 "quantizer or invpt bug: report it with your nvidia-modelopt, onnx and onnxruntime versions (pip list)."
             )
-    return audit
+    return audit, written
 
 
 def verify(tmp_out: Path, opts: QuantizeOptions, specs, ref: dict, ref_name: str, held: _HeldOut,
@@ -371,7 +390,7 @@ def quantize(onnx_path: str | os.PathLike, opts: QuantizeOptions) -> QuantizeRes
         with timer.phase("data"):
             src = private_input(inputs, staging)
             selection = select_nodes(src, opts.precision, opts.policy, opts.keep_terms, tasks, cfg.backbone.depth)
-            per_node = calibrates_per_node(src, opts.calibrate_per_node)  # ModelOpt only; percentile ignores it
+            per_node = opts.calibrate_per_node  # None: invpt's ranges; True/False: ModelOpt calibrates itself
         ref, ref_name = {}, ""
         if opts.verify or opts.sensitivity:
             with timer.phase("reference"):
@@ -389,13 +408,13 @@ def quantize(onnx_path: str | os.PathLike, opts: QuantizeOptions) -> QuantizeRes
                                              tasks, cfg.backbone.depth)
         tmp_out = staging / out.name
         with timer.phase("calibrate" if opts.precision == "int8" else "convert"):
-            audit = convert(src, tmp_out, opts, selection, held.data, per_node)
+            audit, written = convert(src, tmp_out, opts, selection, held.data, per_node)
         parity, task_metrics = None, {}
         if opts.verify:
             with timer.phase("parity"):
                 parity, task_metrics = verify(tmp_out, opts, specs, ref, ref_name, held, out)
         man = _output_manifest(inputs, opts, tmp_out, staging, selection, audit, held, per_node, parity, task_metrics,
-                               timer)
+                               timer, written)
         man.save(manifest_path_for(tmp_out))
         publish(staging, out, list(man.external_data) + [f.name for f in staging.glob("*.sensitivity.*")],
                 error_cls=InputError)
@@ -403,20 +422,24 @@ def quantize(onnx_path: str | os.PathLike, opts: QuantizeOptions) -> QuantizeRes
 
 
 def _output_manifest(inputs: _Inputs, opts: QuantizeOptions, tmp_out: Path, staging: Path, selection, audit: dict,
-                     held: _HeldOut, per_node: bool, parity, task_metrics: dict, timer: PhaseTimer) -> Manifest:
-    """Step 7: the produced model's manifest, derived from its input's."""
-    data_files = external_data_files(tmp_out)
+                     held: _HeldOut, per_node: bool, parity, task_metrics: dict, timer: PhaseTimer,
+                     written: Optional[WrittenOnnx] = None) -> Manifest:
+    """Step 7: the produced model's manifest, derived from its input's (``written``: what the stage recorded while
+    writing the file, else the file is read for its hash and external-data files)."""
+    data_files = list(written.external_data) if written else external_data_files(tmp_out)
     calibration = None
     if opts.precision == "int8":
         data = held.data
         calibration = {**data.provenance, "sample_ids": list(data.calib_ids), "method": opts.calib_method,
                        "tool": "onnxruntime quantize_static" if opts.calib_method == "percentile" else "nvidia-modelopt"}
         if opts.calib_method != "percentile":
-            calibration["per_node"] = per_node
+            engine = audit.get("int8_calibration", {}).get("engine")
+            calibration["per_node"] = engine == ENGINE_MODELOPT_PER_NODE
+            calibration["engine"] = engine
     return inputs.manifest.replace(
         artifact=inputs.out.name,
         precision=opts.precision,
-        sha256=sha256_file(tmp_out),
+        sha256=written.sha256 if written else sha256_file(tmp_out),
         size_bytes=tmp_out.stat().st_size + sum((staging / d).stat().st_size for d in data_files),
         external_data=tuple(data_files),
         parent=parent_record("onnx", inputs.onnx_path, inputs.out.parent, inputs.manifest.sha256),  # verified at start

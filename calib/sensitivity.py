@@ -100,7 +100,7 @@ def run_sensitivity(onnx_path: Path, workdir: Path, data, ref: Mapping[str, np.n
                     input_is_private: bool = False) -> dict:
     """Measure every block alone in INT8, search the keep-set for ``budgets``; writes JSON, Markdown and PNG.
 
-    ``per_node`` is passed to ``quantize_int8`` (node-by-node or whole-graph calibration; None = by model size).
+    ``per_node`` is passed to ``quantize_int8`` (ModelOpt node-by-node or whole-graph calibration; None = invpt's bounded-memory ranges).
     Every quantization reads one :func:`~invpt.artifacts.private_copy` of ``onnx_path`` made in ``workdir`` (the
     stage's staging folder) for the whole sweep, never the user's file; a caller that already made one for the
     stage passes it with ``input_is_private=True``.

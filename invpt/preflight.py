@@ -29,12 +29,12 @@ WARN_FRACTION = 0.85  # warn when the estimate is above this share of the availa
 BASE_BYTES = int(1.0 * GiB)
 # Export, per byte of FP32 weights (ViT-L: 1.69 GB). Each is the peak of one phase above the process; phases run one
 # after another (PyTorch is freed before ONNX Runtime opens), so the stage's peak is the largest, not the sum.
-EXPORT_PER_WEIGHT = 2.4           # torch.onnx dynamo export + optimizer + saving (ViT-L: 4.6 GiB in the step)
-EXPORT_VERIFY_PER_WEIGHT = 3.3    # ONNX Runtime session of the graph (ViT-L: 5.6 GiB in the step, 6.2 peak)
+EXPORT_PER_WEIGHT = 2.2           # torch.onnx dynamo export + optimizer + saving (ViT-L: 4.4 GiB in the step)
+EXPORT_VERIFY_PER_WEIGHT = 2.3    # PyTorch reference next to the model (ViT-L: 4.6 GiB, the peak; ONNX Runtime 3.7)
 EXPORT_SIMPLIFY_PER_WEIGHT = 5.5  # onnxslim (opt-in) copies the graph several times (ViT-L: ~16 GiB before)
 # Quantize, per byte of the FP32 ONNX (ViT-L: 1.67 GB).
 QUANTIZE_REFERENCE_PER_MODEL = 2.2  # FP32 PyTorch reference on the held-out images, released before conversion
-FP16_PER_MODEL = 5.2              # range pass, then AutoCast's model + its converter's copy (ViT-L: 8.9 GiB peak)
+FP16_PER_MODEL = 3.5              # the range pass's sessions (AutoCast converts the graph alone; ViT-L: 6.4 GiB)
 INT8_PER_NODE_PER_MODEL = 12.0    # ModelOpt node by node (ViT-L: 19.7 GiB measured with the reference)
 INT8_WHOLE_GRAPH_PER_MODEL = 7.0  # ModelOpt whole graph: its copies of the model, the augmented session
 # Whole graph keeps one step's calibrated tensors (session outputs) at a time: this share of the sum of one sample's
@@ -44,6 +44,15 @@ INT8_WHOLE_GRAPH_PER_MODEL = 7.0  # ModelOpt whole graph: its copies of the mode
 INT8_WHOLE_GRAPH_PER_ACTIVATION = 0.35
 # Whole-graph calibration: bytes of one step's intermediate tensors (sets the samples per step, at least one).
 WHOLE_GRAPH_STEP_BYTES = 2 * GiB
+# INT8 by default (invpt.calib.ranges): invpt measures the ranges, ModelOpt inserts Q/DQ. Phases run one after another,
+# each released before the next. Fitted to ViT-L (1.55 GiB model, 32 samples, max and entropy alike: 7.3 GiB peak).
+INT8_PREPARE_PER_MODEL = 3.0      # the model loaded once, its weights written to one external file (ViT-L: 5.7 GiB)
+INT8_RANGES_PER_MODEL = 1.0       # the range session's weights, plus one step's exposed tensors (at most the chunk
+INT8_RANGES_PER_ACTIVATION = 0.1  # below) and the forward pass's live tensors: this share of activation_bytes
+INT8_INSERT_PER_MODEL = 4.1       # ModelOpt's INT8 quantizer inserting Q/DQ from the ranges (ViT-L: 7.3 GiB, the peak)
+# Bytes of measured tensors one range session exposes per step (bounds the range pass's memory beyond the model).
+INT8_RANGE_CHUNK_BYTES = 2 * GiB
+QUANTIZED_OP_TYPES = ("Conv", "MatMul", "Gemm")  # nodes whose activation inputs the ranges are measured for
 MAX_STEP_BATCH = 16
 
 
@@ -120,6 +129,13 @@ def estimate_export(weight_bytes: int, *, verify: bool = True, simplify: bool = 
 def activation_bytes(onnx_path: str | os.PathLike, batch: int = 1) -> int:
     """Sum of the sizes of every intermediate tensor of one forward pass at ``batch`` (ONNX shape inference on the
     graph only; symbolic dims taken as ``batch``, tensors of unknown shape not counted)."""
+    return tensor_bytes(onnx_path, batch)[0]
+
+
+def tensor_bytes(onnx_path: str | os.PathLike, batch: int = 1,
+                 op_types: Sequence[str] = QUANTIZED_OP_TYPES) -> tuple[int, int]:
+    """(:func:`activation_bytes`, the sum of the sizes of the distinct activation inputs of ``op_types`` nodes): the
+    second bounds what INT8 range measurement exposes per sample (invpt.calib.ranges measures a subset of them)."""
     import onnx
 
     proto = onnx.load(str(onnx_path), load_external_data=False)
@@ -130,8 +146,8 @@ def activation_bytes(onnx_path: str | os.PathLike, batch: int = 1) -> int:
         proto = onnx.shape_inference.infer_shapes(proto, strict_mode=False)
     except Exception as err:  # the estimate is advice; a graph shape inference cannot follow is still checked later
         _logger.debug("shape inference failed for the memory estimate (%s)", err)
-        return 0
-    total = 0
+        return 0, 0
+    sizes = {}
     for vi in proto.graph.value_info:
         tt = vi.type.tensor_type
         if not tt.HasField("shape") or not tt.elem_type:
@@ -143,8 +159,9 @@ def activation_bytes(onnx_path: str | os.PathLike, batch: int = 1) -> int:
             item = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).itemsize
         except Exception:
             item = 4
-        total += n * item
-    return total
+        sizes[vi.name] = n * item
+    inputs = {t for node in proto.graph.node if node.op_type in op_types for t in node.input}
+    return sum(sizes.values()), sum(b for t, b in sizes.items() if t in inputs)
 
 
 def step_batch(sample_activation_bytes: int, budget: int = WHOLE_GRAPH_STEP_BYTES,
@@ -155,19 +172,31 @@ def step_batch(sample_activation_bytes: int, budget: int = WHOLE_GRAPH_STEP_BYTE
     return int(max(1, min(max_batch, budget // sample_activation_bytes)))
 
 
-def estimate_quantize(model_bytes: int, precision: str, *, verify: bool = True, per_node: bool = True,
+def estimate_quantize(model_bytes: int, precision: str, *, verify: bool = True, per_node: Optional[bool] = None,
                       calib_samples: int = 32, sample_activation_bytes: int = 0, method: str = "entropy",
-                      samples_per_step: Optional[int] = None, _alternatives: bool = True) -> MemoryEstimate:
+                      samples_per_step: Optional[int] = None, sample_range_bytes: int = 0,
+                      _alternatives: bool = True) -> MemoryEstimate:
     """Peak of ``invpt-quantize`` for an FP32 ONNX of ``model_bytes``.
 
-    ``sample_activation_bytes`` (see :func:`activation_bytes`, batch 1) sizes whole-graph INT8 calibration, whose
-    memory follows the samples per step (default :func:`step_batch`), not the number of samples.
+    INT8 ``per_node`` None (the default): invpt measures the ranges (``sample_range_bytes`` a sample exposed, capped
+    per step by :data:`INT8_RANGE_CHUNK_BYTES`) and ModelOpt inserts Q/DQ; True / False: ModelOpt calibrates itself,
+    node by node / the whole graph. ``sample_activation_bytes`` (see :func:`activation_bytes`, batch 1) sizes the
+    forward pass and whole-graph calibration, whose memory follows the samples per step (default :func:`step_batch`),
+    not the number of samples.
     """
     parts = {"process": BASE_BYTES}
     if verify:
         parts["reference"] = int(QUANTIZE_REFERENCE_PER_MODEL * model_bytes)
     if precision == "fp16":
         parts["convert"] = int(FP16_PER_MODEL * model_bytes)
+    elif per_node is None:
+        batch = samples_per_step or step_batch(sample_activation_bytes)
+        exposed = (min(sample_range_bytes * batch, INT8_RANGE_CHUNK_BYTES) if sample_range_bytes
+                   else INT8_RANGE_CHUNK_BYTES)
+        parts["prepare"] = int(INT8_PREPARE_PER_MODEL * model_bytes)
+        parts["ranges"] = int(INT8_RANGES_PER_MODEL * model_bytes + exposed
+                              + INT8_RANGES_PER_ACTIVATION * batch * sample_activation_bytes)
+        parts["insert_qdq"] = int(INT8_INSERT_PER_MODEL * model_bytes)
     elif per_node:
         parts["calibrate"] = int(INT8_PER_NODE_PER_MODEL * model_bytes)
     else:
@@ -176,23 +205,28 @@ def estimate_quantize(model_bytes: int, precision: str, *, verify: bool = True, 
                                  + INT8_WHOLE_GRAPH_PER_ACTIVATION * batch * sample_activation_bytes)
     peak = parts["process"] + max(v for k, v in parts.items() if k != "process")
     alternatives: list[tuple[str, int]] = []
-    if precision == "int8" and _alternatives:
-        other = estimate_quantize(model_bytes, precision, verify=verify, per_node=not per_node,
-                                  calib_samples=calib_samples, sample_activation_bytes=sample_activation_bytes,
-                                  _alternatives=False).peak_bytes
-        alternatives.append(("--no-calibrate-per-node (whole graph, one sample a step)" if per_node
+    if precision == "int8" and _alternatives and per_node is not None:
+        kw = dict(verify=verify, calib_samples=calib_samples, sample_activation_bytes=sample_activation_bytes,
+                  sample_range_bytes=sample_range_bytes, _alternatives=False)
+        ranges = estimate_quantize(model_bytes, precision, per_node=None, **kw).peak_bytes
+        other = estimate_quantize(model_bytes, precision, per_node=not per_node, **kw).peak_bytes
+        flag = "--calibrate-per-node" if per_node else "--no-calibrate-per-node"
+        alternatives.append((f"leave out {flag} (invpt measures the ranges with bounded memory)", ranges))
+        alternatives.append(("--no-calibrate-per-node (ModelOpt, whole graph, one sample a step)" if per_node
                              else "--calibrate-per-node (slower)", other))
     return MemoryEstimate(f"invpt-quantize --precision {precision}", peak, parts, alternatives)
 
 
-def check_quantize_memory(onnx_path: str | os.PathLike, precision: str, *, verify: bool, per_node: bool,
+def check_quantize_memory(onnx_path: str | os.PathLike, precision: str, *, verify: bool, per_node: Optional[bool],
                           calib_samples: int, method: str, model_bytes: Optional[int] = None) -> MemoryEstimate:
     """Estimate ``invpt-quantize``'s peak for ``onnx_path`` with these options and :func:`check_memory` it (exit 2 when
-    the machine clearly cannot hold it). ``model_bytes`` defaults to the file's size (pass it with external data)."""
+    the machine clearly cannot hold it). ``per_node`` is ``--calibrate-per-node`` as given (None: invpt measures the
+    INT8 ranges). ``model_bytes`` defaults to the file's size (pass it with external data)."""
     size = model_bytes if model_bytes is not None else Path(onnx_path).stat().st_size
-    act = activation_bytes(onnx_path, 1) if precision == "int8" and method != "percentile" else 0
-    est = estimate_quantize(size, precision, verify=verify, per_node=per_node or method == "percentile",
-                            calib_samples=calib_samples, sample_activation_bytes=act, method=method)
+    act, ranged = tensor_bytes(onnx_path, 1) if precision == "int8" and method != "percentile" else (0, 0)
+    est = estimate_quantize(size, precision, verify=verify, per_node=True if method == "percentile" else per_node,
+                            calib_samples=calib_samples, sample_activation_bytes=act, method=method,
+                            sample_range_bytes=ranged)
     check_memory(est, what=f"'{onnx_path}'")
     return est
 

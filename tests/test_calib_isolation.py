@@ -326,7 +326,10 @@ def test_modelopt_failure_is_a_tool_error(fp32, calib_dir, tmp_path, monkeypatch
 
     from invpt.errors import library_version
 
-    monkeypatch.setattr(mq, "quantize", _boom)
+    import modelopt.onnx.quantization.int8 as mq_int8
+
+    monkeypatch.setattr(mq, "quantize", _boom)  # ModelOpt calibrating itself (--calibrate-per-node ...)
+    monkeypatch.setattr(mq_int8, "quantize", _boom)  # the default: invpt's ranges, ModelOpt's Q/DQ insertion
     out = tmp_path / "t.int8.onnx"
     before = _snapshot(fp32.onnx_path)
     log = tmp_path / "run.log"
@@ -349,9 +352,9 @@ def test_modelopt_failure_is_a_tool_error(fp32, calib_dir, tmp_path, monkeypatch
 
 
 def test_autocast_failure_is_a_tool_error(fp32, tmp_path, monkeypatch, capsys):
-    import modelopt.onnx.autocast as autocast
+    from modelopt.onnx.autocast.graphsanitizer import GraphSanitizer
 
-    monkeypatch.setattr(autocast, "convert_to_mixed_precision", _boom)
+    monkeypatch.setattr(GraphSanitizer, "sanitize", _boom)  # the first AutoCast step invpt's FP16 conversion runs
     out = tmp_path / "t.fp16.onnx"
     assert quantize_main(["--onnx", str(fp32.onnx_path), "--precision", "fp16", "--out", str(out), "--no-verify"]) == 4
     err = capsys.readouterr().err
