@@ -301,11 +301,7 @@ def load_held_out(manifest: Manifest, opts: QuantizeOptions) -> _HeldOut:
 def private_input(inputs: _Inputs, staging: Path) -> Path:
     """Step 3: the one private copy of the input the whole stage reads, checked to be the file the manifest describes
     (libraries rewrite their input in place, and the user's file may change while we run)."""
-    src = private_copy(inputs.onnx_path, staging / ".input")
-    if sha256_file(src) != inputs.manifest.sha256:
-        raise InputError(f"'{inputs.onnx_path}' changed while invpt-quantize was starting (its sha256 no longer matches "
-                         f"'{inputs.manifest_file}'); nothing was written. Run again once it is no longer being written.")
-    return src
+    return private_copy(inputs.onnx_path, staging / ".input", expect_sha256=inputs.manifest.sha256)
 
 
 def reference_outputs(inputs: _Inputs, src: Path, images: np.ndarray) -> tuple[dict, str]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import hashlib
 import logging
 import os
 import shutil
@@ -434,8 +435,12 @@ def _external_data_locations(proto) -> list[str]:
     return locations
 
 
-def private_copy(src: str | os.PathLike, into_dir: str | os.PathLike) -> Path:
+def private_copy(src: str | os.PathLike, into_dir: str | os.PathLike, expect_sha256: Optional[str] = None) -> Path:
     """Copy the ONNX file ``src`` and the external-data files it references into ``into_dir``; return the copy.
+
+    ``expect_sha256``: the sha256 its manifest records; the model file is hashed while it is copied (one read, not
+    a copy and then a hash of a 1.6 GB file) and a copy that differs is an :class:`~invpt.errors.InputError`: the
+    user's file changed after the stage checked it.
 
     A stage hands libraries (ModelOpt, onnxruntime's quantizer) this copy, never the user's file: they rewrite their
     input in place (shape inference) or write beside it. The copy is a real one (a new inode, not a hard link, which a
@@ -473,15 +478,29 @@ def private_copy(src: str | os.PathLike, into_dir: str | os.PathLike) -> Path:
             )
         (into / rel).parent.mkdir(parents=True, exist_ok=True)
         _copy_new_inode(data, into / rel)
-    _copy_new_inode(src, dst)
+    digest = _copy_new_inode(src, dst, hashed=expect_sha256 is not None)
+    if expect_sha256 is not None and digest != expect_sha256:
+        raise InputError(
+            f"'{src}' changed after invpt checked it against its manifest (sha256 {digest[:12]}... now, "
+            f"{expect_sha256[:12]}... recorded); nothing was written. Run again once it is no longer being written."
+        )
     return dst
 
 
-def _copy_new_inode(src: Path, dst: Path) -> None:
+def _copy_new_inode(src: Path, dst: Path, hashed: bool = False) -> Optional[str]:
     """``shutil.copyfile`` into a fresh inode: an existing ``dst`` is unlinked first, never truncated (it could be a
-    hard link of someone's file); ``dst`` being ``src`` itself is a bug in the caller."""
+    hard link of someone's file); ``dst`` being ``src`` itself is a bug in the caller. With ``hashed``, the bytes
+    are copied in chunks and their sha256 (hex) returned."""
     if os.path.lexists(dst):
         if os.path.exists(dst) and os.path.samefile(src, dst):
             raise ValueError(f"private_copy: '{dst}' is the source file itself; copy into a folder of the stage's own")
         os.unlink(dst)
-    shutil.copyfile(src, dst)
+    if not hashed:
+        shutil.copyfile(src, dst)
+        return None
+    h = hashlib.sha256()
+    with open(src, "rb") as fin, open(dst, "xb") as fout:
+        while block := fin.read(1 << 22):
+            h.update(block)
+            fout.write(block)
+    return h.hexdigest()

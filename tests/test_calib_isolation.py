@@ -114,9 +114,9 @@ def test_sensitivity_copies_the_input_once(fp32, calib_dir, tmp_path, private_tm
 
     copies = []
 
-    def counting_copy(src, into_dir):
+    def counting_copy(src, into_dir, **kw):
         copies.append(Path(src))
-        return private_copy(src, into_dir)
+        return private_copy(src, into_dir, **kw)
 
     monkeypatch.setattr(sens_mod, "private_copy", counting_copy)
     monkeypatch.setattr(int8_mod, "private_copy", counting_copy)
@@ -165,6 +165,19 @@ def test_private_copy_copies_external_data_into_new_inodes(tmp_path):
     assert {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes()) for p in src.parent.iterdir()} == before
     weights = onnx.numpy_helper.to_array(onnx.load(str(src)).graph.initializer[0])  # ... leaves the user's intact
     assert weights[63, 63] == 4095
+
+
+def test_private_copy_checks_the_sha256_in_the_same_read(tmp_path):
+    """The stage hashes the model while copying it (one read of a 1.6 GB file, not two); a file that changed after
+    the manifest check is refused."""
+    from invpt.manifest import sha256_file
+
+    src = _external_model(tmp_path / "user")
+    good = sha256_file(src)
+    copy = private_copy(src, tmp_path / "stage", expect_sha256=good)
+    assert copy.read_bytes() == src.read_bytes() and sha256_file(copy) == good
+    with pytest.raises(InputError, match=r"ext\.onnx' changed after invpt checked it.*nothing was written"):
+        private_copy(src, tmp_path / "stage2", expect_sha256="0" * 64)
 
 
 def test_private_copy_of_a_read_only_file_is_writable(tmp_path):
