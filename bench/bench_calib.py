@@ -110,7 +110,7 @@ def main(argv=None) -> int:
     parity = results["int8_parity"]
     worst = max(t["rel_err"] for t in parity["tasks"].values())
     mode = {"modelopt-per-node": ", ModelOpt node by node", "modelopt-whole-graph": ", ModelOpt whole graph",
-            "invpt-ranges": ", ranges by invpt"}.get(results.get("calibration_engine") or "", "")
+            "bounded-ranges": ", ranges by invpt"}.get(results.get("calibration_engine") or "", "")
     summary = (f"{args.preset}: INT8 calibration ({args.method}, {args.samples} samples{mode}) took "
                f"{fmt_seconds(ph.get('calibrate_s', float('nan')))}; with data preparation, the FP32 PyTorch reference "
                f"and held-out parity ({args.holdout} images) {fmt_seconds(results['int8_quantize_s'])}. "

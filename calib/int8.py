@@ -67,7 +67,7 @@ def whole_graph_step_batch(onnx_path: str | os.PathLike, budget: int | None = No
                       MAX_CALIBRATION_BATCH)
 
 
-ENGINE_RANGES = "invpt-ranges"           # invpt measures the ranges (bounded memory), ModelOpt inserts Q/DQ
+ENGINE_RANGES = "bounded-ranges"         # invpt measures the ranges (bounded memory), ModelOpt inserts Q/DQ
 ENGINE_MODELOPT_WHOLE = "modelopt-whole-graph"
 ENGINE_MODELOPT_PER_NODE = "modelopt-per-node"
 ENGINE_ORT = "onnxruntime"               # percentile: onnxruntime's quantize_static

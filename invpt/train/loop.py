@@ -16,8 +16,8 @@ One call trains (or resumes) one run in ``opts.out_dir``:
    iteration, epoch, position in the epoch, every process's RNG states), and at the end ``final.pth`` (weights and
    config) and ``final_official.pth.tar`` (the official ``{'model': {'module.'+key}}`` layout).
 
-Checkpoints are invpt-format files, so ``invpt.load_model``, ``invpt-export --ckpt`` and ``invpt-eval --ckpt`` read
-them directly (the training state rides along under ``train_state`` and is ignored there).
+Checkpoints are in invpt's own checkpoint format, so ``invpt.load_model``, ``invpt-export --ckpt`` and
+``invpt-eval --ckpt`` read them directly (the training state rides along under ``train_state`` and is ignored there).
 
 Resuming is exact: a run of N iterations and a run stopped at a checkpoint and resumed to N give the same losses and
 weights (on the same hardware and software), because the data order is a function of (seed, epoch), the position in
