@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 import cv2
 import numpy as np
 
-from invpt.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize, pad_to
+from invpt.data.transforms import IMAGENET_MEAN, IMAGENET_STD, _check_hw, normalize, pad_to
 from invpt.errors import ConfigError, InputError
 
 IGNORE_INDEX = 255
@@ -46,16 +46,6 @@ def _meta(sample: Sample) -> dict[str, Any]:
     if meta is None:
         meta = sample["meta"] = {}
     return meta
-
-
-def _check_size(size: Sequence[int]) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in size)
-    except (TypeError, ValueError):
-        raise ConfigError(f"size must be a pair (height, width) of positive integers, got {size!r}.") from None
-    if h <= 0 or w <= 0:
-        raise ConfigError(f"size must be a pair (height, width) of positive integers, got {size!r}.")
-    return h, w
 
 
 def _resize_nearest(arr: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
@@ -117,7 +107,7 @@ class RandomCrop:
 
     def __init__(self, size: Sequence[int], cat_max_ratio: float = 0.75, max_retries: int = 10,
                  ignore_index: int = IGNORE_INDEX) -> None:
-        self.size = _check_size(size)
+        self.size = _check_hw(size, "size")
         self.cat_max_ratio = float(cat_max_ratio)
         self.max_retries = int(max_retries)
         self.ignore_index = ignore_index
@@ -247,7 +237,7 @@ class PadImage:
     the original image)."""
 
     def __init__(self, size: Sequence[int]) -> None:
-        self.size = _check_size(size)
+        self.size = _check_hw(size, "size")
 
     def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:
         H, W = self.size
