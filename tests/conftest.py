@@ -176,6 +176,26 @@ def nyud_b2_onnx(tiny_nyud_official_ckpt, tmp_path_factory):
         yield res
 
 
+@pytest.fixture(scope="session")
+def tiny_deploy(tiny_pascal_official_ckpt, tmp_path_factory) -> dict:
+    """One ``invpt-deploy`` run on the tiny checkpoint (FP32 + FP16 ONNX, TensorRT-RTX engines built on CPU, parity
+    and latency reports) in <folder>/deploy, the checkpoint beside it as <folder>/tiny.pth: a dict of their paths and
+    the exit code. Shared read-only; a test that reruns or edits it works on a copy of the whole folder."""
+    from invpt.runtime.deploy_cli import main
+
+    def build(d: Path) -> dict:
+        shutil.copy(tiny_pascal_official_ckpt, d / "tiny.pth")
+        out = d / "deploy"
+        code = main(["--ckpt", str(d / "tiny.pth"), "--precision", "fp32,fp16", "--data", str(REPO / "assets"),
+                     "--samples", "2", "--iters", "3", "--warmup", "1", "--batch", "1,2", "--out", str(out), "-q"])
+        return {"code": code, "out": out, "ckpt": d / "tiny.pth", "fp32": out / "tiny.onnx",
+                "fp16": out / "tiny.fp16.onnx", "plan": out / "tiny.plan", "plan16": out / "tiny.fp16.plan"}
+
+    res = _once(tmp_path_factory, "deploy", build)
+    with _kept_read_only(res["ckpt"].parent, what="invpt-deploy folder"):
+        yield res
+
+
 @pytest.fixture
 def copy_artifact(tmp_path):
     """``copy_artifact(artifact, sub="in", with_manifest=True)``: a private copy under tmp_path/sub (manifest and

@@ -81,16 +81,18 @@ def test_what_was_written_is_recorded_without_reading_it_again(ours):
     assert ours.graph.ByteSize() < ours.path.stat().st_size / 4
 
 
-def test_autocast_never_holds_the_weights(pascal_onnx, tmp_path, monkeypatch):
-    """No step loads the weights into a model: neither AutoCast's loader nor onnx.load of the private copy."""
+@pytest.fixture(scope="module")
+def external_run(pascal_onnx, tmp_path_factory):
+    """One conversion watched two ways: every onnx.load recorded, loading weights into a whole model refused, and
+    the single-file size limit lowered so that the FP16 weights go to an external-data file."""
     import onnx.external_data_helper as edh
 
+    import invpt.export.onnx_export as onnx_export
     from invpt.calib.fp16 import convert_fp16_model
 
     def refuse(*a, **k):
         raise AssertionError("the weights were loaded into a whole model")
 
-    monkeypatch.setattr(edh, "load_external_data_for_model", refuse)
     loads = []
     real_load = onnx.load
 
@@ -98,8 +100,18 @@ def test_autocast_never_holds_the_weights(pascal_onnx, tmp_path, monkeypatch):
         loads.append((str(f), k.get("load_external_data", True)))
         return real_load(f, *a, **k)
 
-    monkeypatch.setattr(onnx, "load", counting_load)
-    out = convert_fp16_model(pascal_onnx.onnx_path, tmp_path / "m.fp16.onnx", [], KEEP_OPS, data_max=np.inf)
+    folder = tmp_path_factory.mktemp("fp16_external")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(edh, "load_external_data_for_model", refuse)
+        mp.setattr(onnx, "load", counting_load)
+        mp.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 1024)
+        out = convert_fp16_model(pascal_onnx.onnx_path, folder / "m.fp16.onnx", [], KEEP_OPS, data_max=np.inf)
+    return out, loads
+
+
+def test_autocast_never_holds_the_weights(pascal_onnx, external_run):
+    """No step loads the weights into a model: neither AutoCast's loader nor onnx.load of the private copy."""
+    out, loads = external_run
     assert out.path.is_file()
     # Read once: the input, to make the private copy whose graph every later step is handed.
     assert loads == [(str(pascal_onnx.onnx_path), True)]
@@ -141,14 +153,11 @@ def test_range_rule_with_held_graph_matches_reading_the_file(pascal_onnx, tmp_pa
     assert nodes_over_range(clean, held, 5.0, graph=graph) == nodes_over_range(clean, read, 5.0)
 
 
-def test_output_over_the_size_limit_keeps_its_weights_external(pascal_onnx, ours, tmp_path, monkeypatch):
+def test_output_over_the_size_limit_keeps_its_weights_external(external_run, ours):
     """Above the single-file limit the FP16 weights go to <name>.data (the same weights as in the single file)."""
-    import invpt.export.onnx_export as onnx_export
-    from invpt.calib.fp16 import convert_fp16_model
-
-    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 1024)
-    out = convert_fp16_model(pascal_onnx.onnx_path, tmp_path / "m.fp16.onnx", [], KEEP_OPS, data_max=np.inf)
-    assert out.written.external_data == ("m.fp16.onnx.data",) and (tmp_path / "m.fp16.onnx.data").is_file()
+    out, _ = external_run
+    folder = out.path.parent
+    assert out.written.external_data == ("m.fp16.onnx.data",) and (folder / "m.fp16.onnx.data").is_file()
     assert out.written.sha256 == sha256_file(out.path)
     onnx.checker.check_model(str(out.path), full_check=True)
     ext, single = onnx.load(str(out.path)), onnx.load(str(ours.path))

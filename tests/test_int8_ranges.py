@@ -22,9 +22,9 @@ BATCH = 2
 
 
 @pytest.fixture(scope="module")
-def tiny_dynamic(tiny_pascal_official_ckpt, tmp_path_factory) -> Path:
-    return run_export(tiny_pascal_official_ckpt, tmp_path_factory.mktemp("dyn") / "d.onnx", dynamic_batch=True,
-                      verify=False).onnx_path
+def tiny_dynamic(pascal_dynamic_onnx) -> Path:
+    """The session's dynamic-batch tiny PASCAL export (shared read-only: outputs go under tmp_path)."""
+    return pascal_dynamic_onnx.onnx_path
 
 
 @pytest.fixture(scope="module")

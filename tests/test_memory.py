@@ -25,8 +25,9 @@ from invpt.export import run_export
 
 
 @pytest.fixture(scope="module")
-def tiny_onnx(tiny_pascal_official_ckpt, tmp_path_factory) -> Path:
-    return run_export(tiny_pascal_official_ckpt, tmp_path_factory.mktemp("mem") / "m.onnx", verify=False).onnx_path
+def tiny_onnx(pascal_onnx) -> Path:
+    """The session's tiny PASCAL export (static batch 1; shared read-only: tests write only under tmp_path)."""
+    return pascal_onnx.onnx_path
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +200,7 @@ def test_export_frees_the_model_before_onnxruntime_opens(tiny_pascal_official_ck
 
     monkeypatch.setattr(invpt.checkpoint, "load_model", load)
     monkeypatch.setattr(onnxruntime, "InferenceSession", session)  # what the core ONNX Runtime runner opens
-    res = run_export(tiny_pascal_official_ckpt, tmp_path / "m.onnx", dynamic_batch=True)
+    res = run_export(tiny_pascal_official_ckpt, tmp_path / "m.onnx", tasks=["sal"])  # one head: a quicker export
     assert res.parity.passed and res.manifest.verification["passed"] is True
     assert alive_at_session == [False]
 
@@ -301,18 +302,39 @@ def test_export_refused_when_memory_is_short(tiny_pascal_official_ckpt, tmp_path
     assert "needs an estimated" in err and "0.1 GiB is available" in err and "INVPT_SKIP_MEMORY_CHECK" in err
 
 
-def test_export_preflight_can_be_overridden(tiny_pascal_official_ckpt, tmp_path, monkeypatch, caplog):
+class _ReachedTheExport(Exception):
+    """Raised in place of the ONNX export: the preflight let the run through to its first step of real work."""
+
+
+@pytest.fixture
+def export_step_reached(monkeypatch):
+    """Replace the export step (seconds of tracing) with a marker: these tests are about the check before it."""
+    import invpt.export.pipeline as pipeline
+
+    def reached(model, path, **kw):
+        assert Path(path).parent.is_dir()  # inside the run's staging folder
+        raise _ReachedTheExport(path)
+
+    monkeypatch.setattr(pipeline, "export_graph", reached)
+
+
+def test_export_preflight_can_be_overridden(tiny_pascal_official_ckpt, tmp_path, monkeypatch, caplog,
+                                            export_step_reached):
     monkeypatch.setattr(preflight, "mem_available_bytes", lambda *a, **k: 64 * 2**20)
     monkeypatch.setenv(preflight.SKIP_ENV, "1")
-    res = run_export(tiny_pascal_official_ckpt, tmp_path / "m.onnx", verify=False)
-    assert res.onnx_path.is_file()
+    with pytest.raises(_ReachedTheExport):
+        run_export(tiny_pascal_official_ckpt, tmp_path / "m.onnx", verify=False)
     assert "running anyway" in caplog.text
+    assert not [p for p in tmp_path.iterdir() if ".staging." in p.name]  # the staging folder was removed
 
 
-def test_export_proceeds_when_memory_is_ample(tiny_pascal_official_ckpt, tmp_path, monkeypatch):
+def test_export_proceeds_when_memory_is_ample(tiny_pascal_official_ckpt, tmp_path, monkeypatch, caplog,
+                                              export_step_reached):
     monkeypatch.setattr(preflight, "mem_available_bytes", lambda *a, **k: 512 * 2**30)
     monkeypatch.delenv(preflight.SKIP_ENV, raising=False)
-    assert run_export(tiny_pascal_official_ckpt, tmp_path / "m.onnx", verify=False).onnx_path.is_file()
+    with pytest.raises(_ReachedTheExport):
+        run_export(tiny_pascal_official_ckpt, tmp_path / "m.onnx", verify=False)
+    assert "running anyway" not in caplog.text
 
 
 def test_insufficient_memory_is_an_invpt_error_with_exit_2():
@@ -320,13 +342,13 @@ def test_insufficient_memory_is_an_invpt_error_with_exit_2():
     assert preflight.InsufficientMemoryError.exit_code == 2
 
 
-def test_large_model_processed_with_external_weights_is_still_one_file(tiny_pascal_official_ckpt, tmp_path,
-                                                                      monkeypatch):
+def test_large_model_processed_with_external_weights_is_still_one_file(tiny_pascal_official_ckpt, pascal_onnx,
+                                                                      tmp_path, monkeypatch):
     """Above WORK_EXTERNAL_BYTES the staged ONNX keeps its weights external for the checks and verification, and the
     artifact is still the single self-contained file 'auto' promises below 1.8 GB (same graph, same weights)."""
     import invpt.export.pipeline as pipeline
 
-    small = run_export(tiny_pascal_official_ckpt, tmp_path / "a" / "m.onnx", verify=False)
+    small = pascal_onnx  # the same checkpoint and options, processed the default way (weights inline)
     monkeypatch.setattr(pipeline, "WORK_EXTERNAL_BYTES", 0)
     big = run_export(tiny_pascal_official_ckpt, tmp_path / "b" / "m.onnx")
     assert big.parity.passed and big.manifest.external_data == ()
@@ -363,9 +385,9 @@ def _activation_scales(path: Path) -> dict[str, float]:
 
 
 @pytest.fixture(scope="module")
-def tiny_dynamic(tiny_pascal_official_ckpt, tmp_path_factory) -> Path:
-    return run_export(tiny_pascal_official_ckpt, tmp_path_factory.mktemp("dyn") / "d.onnx", dynamic_batch=True,
-                      verify=False).onnx_path
+def tiny_dynamic(pascal_dynamic_onnx) -> Path:
+    """The session's dynamic-batch tiny PASCAL export (shared read-only)."""
+    return pascal_dynamic_onnx.onnx_path
 
 
 @pytest.mark.parametrize("method,rel", [("max", 1e-6), ("entropy", 0.1)])

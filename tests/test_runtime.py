@@ -1,7 +1,7 @@
 """invpt.runtime: runners from artifacts, invpt-parity, invpt-bench and invpt-deploy on the tiny model.
 
-One invpt-deploy run (FP32 + FP16 ONNX, TensorRT-RTX engines built on CPU) is made once per module and every other
-test uses its artifacts. Engines cannot run without a CUDA GPU: the tests that run them skip with the reason.
+One invpt-deploy run (FP32 + FP16 ONNX, TensorRT-RTX engines built on CPU) is made once per test run (tests/conftest.py:
+tiny_deploy) and every other test uses its artifacts. Engines cannot run without a CUDA GPU: the tests that run them skip
 """
 from __future__ import annotations
 
@@ -29,22 +29,19 @@ def _snapshot(*roots: Path) -> dict[str, str]:
 
 
 # ---- the module's one deploy run -----------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def work(tmp_path_factory, tiny_pascal_official_ckpt) -> Path:
-    d = tmp_path_factory.mktemp("runtime")
-    shutil.copy(tiny_pascal_official_ckpt, d / "tiny.pth")
-    return d
+@pytest.fixture
+def deployed(tiny_deploy) -> dict:
+    """The session's one invpt-deploy run (tests/conftest.py: tiny_deploy), shared read-only."""
+    return tiny_deploy
 
 
-@pytest.fixture(scope="module")
-def deployed(work) -> dict:
-    from invpt.runtime.deploy_cli import main
-
-    out = work / "deploy"
-    code = main(["--ckpt", str(work / "tiny.pth"), "--precision", "fp32,fp16", "--data", str(ASSETS), "--samples", "2",
-                 "--iters", "3", "--warmup", "1", "--batch", "1,2", "--out", str(out), "-q"])
-    return {"code": code, "out": out, "ckpt": work / "tiny.pth", "fp32": out / "tiny.onnx",
-            "fp16": out / "tiny.fp16.onnx", "plan": out / "tiny.plan", "plan16": out / "tiny.fp16.plan"}
+def _copy_of_the_run(deployed: dict, tmp_path: Path) -> dict:
+    """The run's folder (checkpoint and deploy output, same layout) copied under tmp_path, for a test that reruns
+    invpt-deploy on it (a rerun rewrites the reports): the shared run stays as it was."""
+    work = tmp_path / "work"
+    shutil.copytree(deployed["ckpt"].parent, work)
+    return {**deployed, **{k: work / Path(deployed[k]).relative_to(deployed["ckpt"].parent)
+                           for k in ("ckpt", "out", "fp32", "fp16", "plan", "plan16")}}
 
 
 def _no_gpu_reason(plan: Path):
@@ -83,15 +80,16 @@ def test_deploy_writes_every_artifact_and_report(deployed):
     assert not [p.name for p in out.iterdir() if ".staging." in p.name]
 
 
-def test_deploy_rerun_reuses_the_verified_artifacts(deployed, caplog):
+def test_deploy_rerun_reuses_the_verified_artifacts(deployed, tmp_path):
     from invpt.runtime.deploy import run_deploy
 
-    before = _snapshot(*(deployed[k] for k in ("fp32", "fp16", "plan", "plan16")))
-    res = run_deploy(deployed["ckpt"], deployed["out"], precisions=["fp32", "fp16"], samples=1, iters=2, warmup=0)
+    copied = _copy_of_the_run(deployed, tmp_path)
+    before = _snapshot(*(copied[k] for k in ("fp32", "fp16", "plan", "plan16")))
+    res = run_deploy(copied["ckpt"], copied["out"], precisions=["fp32", "fp16"], samples=1, iters=2, warmup=0)
     stages = {s["stage"]: s["reused"] for s in res.steps}
     assert stages == {"export": True, "quantize-fp16": True, "engine-fp32": True, "engine-fp16": True,
                       "parity": False, "bench": False}
-    assert _snapshot(*(deployed[k] for k in ("fp32", "fp16", "plan", "plan16"))) == before
+    assert _snapshot(*(copied[k] for k in ("fp32", "fp16", "plan", "plan16"))) == before
 
 
 def test_deploy_never_overwrites_an_artifact_it_cannot_verify(deployed, tmp_path):
@@ -439,8 +437,8 @@ def test_embedded_default_checkpoint_is_written_once_then_reused(tmp_path):
     assert bundled_images() == ASSETS
 
 
-def test_deploy_without_a_tensorrt_module_stops_at_onnx_and_says_so(deployed, monkeypatch):
-    # Last in the file: it rewrites the deploy folder's reports (the artifacts are reused, not touched).
+def test_deploy_without_a_tensorrt_module_stops_at_onnx_and_says_so(deployed, monkeypatch, tmp_path):
+    deployed = _copy_of_the_run(deployed, tmp_path)  # the rerun rewrites the reports (the artifacts are reused)
     import invpt.engines.backend as backend
     from invpt.errors import DependencyError
     from invpt.runtime.deploy import run_deploy
