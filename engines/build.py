@@ -159,8 +159,12 @@ def _default_policy_terms(precision: str) -> list[str]:
 
 def _reusable_precision_onnx(path: Path, src_sha: str, precision: str, calib_data: Optional[str],
                              calib_samples: int) -> tuple[Optional[Manifest], str]:
-    """(manifest, "") when ``path`` is a verified precision ONNX made from ``src_sha`` with the default policy."""
-    man = verified_manifest(path, InputError, what="Existing precision ONNX")
+    """(manifest, "") when ``path`` is a verified precision ONNX made from ``src_sha`` with the default policy; else
+    (None, why): a file there that is not one (no manifest, edited, a leftover) is never overwritten."""
+    try:
+        man = verified_manifest(path, InputError, what="Existing precision ONNX")
+    except InputError as err:
+        return None, str(err).rstrip(".")
     pol = man.precision_policy
     why = []
     if man.kind != "onnx" or man.precision != precision:
@@ -217,7 +221,12 @@ def prepare_onnx(onnx: Optional[Path], ckpt: Optional[Path], config: Optional[st
         target = _export_target(ckpt, out)
         ck_sha = sha256_file(ckpt)
         if target.exists():
-            man = verified_manifest(target, InputError, what="Existing ONNX")
+            try:
+                man = verified_manifest(target, InputError, what="Existing ONNX")
+            except InputError as err:
+                raise InputError(
+                    f"'{target}' exists but cannot be reused for this build ({str(err).rstrip('.')}); invpt does not "
+                    f"overwrite it. Move it away, or pass another --out folder.") from err
             same_cfg = config is None or _same_config(config, man)
             if (man.parent or {}).get("sha256") != ck_sha or not same_cfg or man.precision != "fp32":
                 raise InputError(

@@ -36,6 +36,14 @@ class VerificationError(InvptError):
     exit_code = 3
 
 
+class TrainingDivergedError(InvptError):
+    """The training loss became NaN or Inf; the run stopped before the step that would have corrupted the weights.
+
+    Exit 2 like the other errors the user fixes (``invpt-train`` documents it so): the cause is the run's settings
+    or data (learning rate, ``--bf16``, labels), the last good checkpoint is kept, and the message says how to resume.
+    """
+
+
 class ManifestError(InvptError):
     """A manifest is missing, unreadable, or of an unknown schema version."""
 

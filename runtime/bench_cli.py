@@ -49,13 +49,55 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_inputs(args: argparse.Namespace, batches: list[int]) -> list:
+    """Checks run_bench would make only after loading the checkpoint (seconds for ViT-L) or not at all: the PyTorch
+    --device and --autocast, and a --batch whose inputs and outputs cannot fit in the memory available now.
+    Returns the --model artifacts, loaded and checked against their manifests."""
+    from invpt.errors import InputError
+
+    if args.ckpt is not None:
+        from invpt.checkpoint import resolve_device
+
+        dev = resolve_device(args.device)
+        if args.autocast and dev.type != "cuda":
+            raise InputError(f"--autocast {','.join(args.autocast)} times PyTorch under CUDA autocast, but --device is "
+                             f"'{args.device}'. Add --device cuda, or leave --autocast out.")
+    elif args.autocast or args.device != "cpu":
+        raise InputError("--device and --autocast set up the PyTorch runner, which needs --ckpt. Add --ckpt CKPT, or "
+                         "leave them out to time only the --model artifacts.")
+    if not args.model:
+        return []
+    from invpt.runtime.load import check_memory, io_bytes_per_image, load_artifacts
+
+    arts = load_artifacts(args.model)
+    inputs = {tuple(a.manifest.inputs[0].shape[1:]): io_bytes_per_image(a.manifest)[0] for a in arts}  # one per size
+    per_image = sum(inputs.values()) + max(io_bytes_per_image(a.manifest)[1] for a in arts)
+    if batches and all(isinstance(b, int) and b >= 1 for b in batches):
+        for a in arts:  # a static batch or an engine profile refuses a --batch more precisely
+            for b in batches:
+                a.check_batch(b)
+        check_memory(per_image, max(batches), "--batch", args.batch,
+                     f"the random inputs of every runner and one runner's outputs ({per_image / 2**20:.1f} MiB an "
+                     "image, before the runtimes' own working memory)")
+    return arts
+
+
 def _run(args: argparse.Namespace) -> int:
     from invpt.runtime.bench import parse_batches, run_bench
 
     watch = Stopwatch()
-    rep = run_bench(args.model, args.out, ckpt=args.ckpt, config=args.config, batches=parse_batches(args.batch),
-                    iters=args.iters, warmup=args.warmup, threads=args.threads, torch_device=args.device,
-                    autocast=args.autocast, cuda_graph=args.cuda_graph, providers=(args.provider,))
+    batches = parse_batches(args.batch)
+    arts = _check_inputs(args, batches)
+    try:
+        rep = run_bench(args.model, args.out, ckpt=args.ckpt, config=args.config, batches=batches,
+                        iters=args.iters, warmup=args.warmup, threads=args.threads, torch_device=args.device,
+                        autocast=args.autocast, cuda_graph=args.cuda_graph, providers=(args.provider,),
+                        artifacts=arts)
+    except MemoryError as err:  # the PyTorch runner's activations (not estimated up front) at a large --batch
+        from invpt.errors import InputError
+
+        raise InputError(f"Out of memory while timing --batch {args.batch} ({type(err).__name__}: {err}). Pass "
+                         "smaller --batch sizes; the report was not written.") from err
     for c in rep.data["commands"]:
         print(c["command"])
     _logger.info("bench ok (%.1fs); report %s", watch.seconds, rep.markdown_path)

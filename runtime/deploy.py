@@ -195,6 +195,14 @@ def run_deploy(
                              "root.")
     if any(not isinstance(b, int) or b < 1 for b in batches) or not batches:
         raise InputError(f"--batch sizes must be integers >= 1, got {list(batches)}.")
+    # The later stages check these too, but only after the export (minutes for ViT-L) and with its files written.
+    lows = [("--iters", iters, 1), ("--warmup", warmup, 0), ("--samples", samples, 1)]
+    if any(p != "fp32" for p in precs):  # invpt-quantize's checks: its parity verification needs a held-out image
+        lows += [("--calib-samples", calib_samples, 1), ("--holdout-samples", holdout_samples, 1)]
+    for flag, value, low in lows:
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise InputError(f"{flag} must be an integer >= {low}, got {value!r}. Nothing was written; fix {flag} and "
+                             "run invpt-deploy again.")
     if backend not in ("auto", "tensorrt", "rtx"):
         raise InputError(f"--backend must be auto, tensorrt or rtx; got '{backend}'.")
     out = Path(out)
@@ -252,7 +260,18 @@ def run_deploy(
 
         run_export(ckpt, fp32_onnx, config=config, dynamic_batch=True, command=command)
     record("export", fp32_onnx, man is not None, t0)
-    fp32_sha = verified_manifest(fp32_onnx, InputError, what="ONNX file").sha256
+    fp32_man = verified_manifest(fp32_onnx, InputError, what="ONNX file")
+    fp32_sha = fp32_man.sha256
+    # The model's size is known now: refuse a --batch / --samples whose inputs and outputs cannot fit in memory
+    # before the quantize and engine stages (the latency and parity stages would fail only at the end).
+    from invpt.runtime.load import check_memory, io_bytes_per_image
+
+    per_in, per_out = io_bytes_per_image(fp32_man)
+    check_memory(per_in + per_out, max(batches), "--batch", ",".join(map(str, batches)),
+                 f"one batch of inputs and outputs ({(per_in + per_out) / 2**20:.1f} MiB an image)")
+    if data is None:
+        check_memory(per_in + 2 * per_out, samples, "--samples", samples,
+                     f"the parity inputs and outputs ({(per_in + 2 * per_out) / 2**20:.1f} MiB an image)")
 
     # ---- FP16 / INT8 ONNX --------------------------------------------------------------------------------------
     for p in precs:

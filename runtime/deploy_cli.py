@@ -64,12 +64,19 @@ def _run(args: argparse.Namespace) -> int:
     precisions = parse_precisions(args.precision, args.calib_data)
     batches = parse_batches(args.batch)
     data = args.data if args.data is not None else (args.calib_data or bundled_images())
-    res = run_deploy(
-        args.ckpt, args.out, config=args.config, precisions=precisions,
-        calib_data=args.calib_data, calib_samples=args.calib_samples, holdout_samples=args.holdout_samples,
-        data=data, samples=args.samples, batches=batches, iters=args.iters, warmup=args.warmup, backend=args.backend,
-        engines=not args.no_engines, command="invpt-deploy " + shlex.join(sys.argv[1:]),
-    )
+    try:
+        res = run_deploy(
+            args.ckpt, args.out, config=args.config, precisions=precisions,
+            calib_data=args.calib_data, calib_samples=args.calib_samples, holdout_samples=args.holdout_samples,
+            data=data, samples=args.samples, batches=batches, iters=args.iters, warmup=args.warmup,
+            backend=args.backend, engines=not args.no_engines, command="invpt-deploy " + shlex.join(sys.argv[1:]),
+        )
+    except MemoryError as err:  # a stage's working memory is not part of the estimates made up front
+        from invpt.errors import InputError
+
+        raise InputError(f"Out of memory in invpt-deploy ({type(err).__name__}: {err}) with --batch {args.batch} and "
+                         f"--samples {args.samples}. Pass smaller values; the artifacts already verified in "
+                         f"'{args.out}' are reused by the next run.") from err
     return 0 if res.passed else 3
 
 

@@ -186,6 +186,49 @@ def check_against_model(artifact: Artifact, cfg: Any, ckpt: Path) -> list[str]:
     return tasks
 
 
+def available_memory_bytes() -> Optional[int]:
+    """Memory the kernel says a new allocation can get without swapping (``MemAvailable``), or None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def io_bytes_per_image(manifest: Manifest) -> tuple[int, int]:
+    """(input, all outputs) bytes of one image of an artifact, as float32 (what the runtime keeps in NumPy)."""
+    def elems(shape: Sequence[Any]) -> int:
+        n = 1
+        for d in list(shape)[1:]:
+            n *= int(d) if isinstance(d, int) and d > 0 else 1
+        return n
+
+    ins = sum(elems(t.shape) for t in manifest.inputs[:1])
+    outs = sum(elems(t.shape) for t in manifest.outputs)
+    return 4 * ins, 4 * outs
+
+
+def check_memory(per_unit: int, count: int, flag: str, value: Any, what: str) -> None:
+    """InputError (before any work) when ``count`` units of ``per_unit`` bytes, what ``flag value`` makes the run hold
+    at once (``what`` says of what), exceed the memory available now; the message gives the largest count that fits."""
+    avail = available_memory_bytes()
+    need = per_unit * count
+    if avail is None or need <= avail:
+        return
+    largest = avail // per_unit if per_unit else 0
+    hint = f" (at most about {largest} here)" if largest >= 1 else ""
+    raise InputError(
+        f"{flag} {value} needs at least {need / 2**30:.1f} GiB of memory for {what}, but this machine has "
+        f"{avail / 2**30:.1f} GiB available. Pass a smaller {flag}{hint}."
+    )
+
+
 def reference_runner(ckpt: str | os.PathLike, config: Optional[str] = None, tasks: Optional[Sequence[str]] = None,
                      device: str = "cpu", autocast: Optional[str] = None, name: Optional[str] = None) -> Any:
     """The PyTorch runner of the checkpoint (FP32 unless ``autocast``); the model is loaded now (memory-mapped)."""

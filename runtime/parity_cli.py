@@ -47,12 +47,42 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_inputs(args: argparse.Namespace) -> list:
+    """The candidates, loaded and checked against their manifests, after refusing a --samples whose images and
+    outputs (all kept in memory: the reference's and one candidate's) cannot fit in the memory available now."""
+    from pathlib import Path
+
+    from invpt.runtime.load import check_memory, io_bytes_per_image, load_artifacts
+
+    arts = load_artifacts(args.model)
+    if args.samples < 1:
+        return arts  # run_parity says why
+    per_image = io_bytes_per_image(arts[0].manifest)[0] + 2 * max(io_bytes_per_image(a.manifest)[1] for a in arts)
+    n = args.samples
+    if args.data is not None and Path(args.data).exists() and n * per_image > (1 << 30):
+        from invpt.data.datasets import open_source
+
+        n = min(n, len(open_source(args.data)))  # --data caps the images compared
+    check_memory(per_image, n, "--samples", args.samples,
+                 f"{n} input image(s) and their outputs (PyTorch's and a candidate's: {per_image / 2**20:.1f} MiB an "
+                 "image, all kept until the comparison)")
+    return arts
+
+
 def _run(args: argparse.Namespace) -> int:
     from invpt.runtime.parity import run_parity
 
     watch = Stopwatch()
-    rep = run_parity(args.ckpt, args.model, args.out, config=args.config, data=args.data, samples=args.samples,
-                     visual_samples=args.visual_samples, seed=args.seed, providers=(args.provider,))
+    arts = _check_inputs(args)
+    try:
+        rep = run_parity(args.ckpt, args.model, args.out, config=args.config, data=args.data, samples=args.samples,
+                         visual_samples=args.visual_samples, seed=args.seed, providers=(args.provider,),
+                         artifacts=arts)
+    except MemoryError as err:  # the runtimes' own working memory is not part of the estimate made up front
+        from invpt.errors import InputError
+
+        raise InputError(f"Out of memory while comparing --samples {args.samples} ({type(err).__name__}: {err}). "
+                         "Pass a smaller --samples; parity.json and parity.md were not written.") from err
     if rep.failed:
         _logger.error("parity FAILED for %s (%.1fs); report %s", ", ".join(rep.failed), watch.seconds,
                       rep.markdown_path)

@@ -46,7 +46,21 @@ def open_split(root: str | Path, dataset: str, split: str) -> SplitReader:
         reader_cls = READERS[dataset]
     except KeyError:
         raise ConfigError(f"No official split reader for dataset {dataset!r}; known: {', '.join(READERS)}.") from None
-    return reader_cls(root, split)
+    try:
+        return reader_cls(root, split)
+    except InputError as err:
+        # The commonest cause: the data of the other dataset (a NYUD-v2 checkpoint evaluated on PASCAL-Context data).
+        p = Path(root)
+        other = [cls for name, cls in READERS.items()
+                 if name != dataset and (cls.matches(p) or cls.matches(p / cls.DIR_NAME))]
+        if not other:
+            raise
+        raise InputError(
+            f"'{root}' holds {other[0].DATASET} data, but the model is a {reader_cls.DATASET} model (its config's "
+            f"dataset is '{dataset}'), so its {reader_cls.DATASET} split '{split}' is not there. Pass a "
+            f"{reader_cls.DATASET} root (the {reader_cls.DIR_NAME} folder or its parent) with --data, or a checkpoint "
+            f"/ --config of a {other[0].DATASET} model."
+        ) from err
 
 
 class MultiTaskDataset(torch.utils.data.Dataset):

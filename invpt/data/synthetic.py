@@ -25,9 +25,7 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -42,6 +40,7 @@ _logger = logging.getLogger("invpt.synth")
 DEFAULT_SIZES: dict[str, tuple[int, int]] = {"pascal_context": (128, 128), "nyud_v2": (128, 192)}
 DIR_NAMES: dict[str, str] = {"pascal_context": "PASCALContext", "nyud_v2": "NYUDv2"}
 MIN_SIDE = 32
+MAX_SIDE = 4096  # ample for every preset (ViT-L PASCAL 512x512, NYUD 480x640); larger scenes exhaust memory
 
 #: VOC class id -> (name, pascal-context 459-class id) for the objects drawn in PASCAL scenes.
 VOC_TO_CONTEXT: dict[int, tuple[str, int]] = {
@@ -383,50 +382,71 @@ def make_synthetic(
     if int(n_train) < 1 or int(n_val) < 1:
         raise ConfigError(f"Synthetic data needs at least 1 train and 1 val sample, got {n_train} and {n_val}.")
     hw = DEFAULT_SIZES[dataset] if size is None else tuple(int(v) for v in size)
-    if len(hw) != 2 or min(hw) < MIN_SIDE:
-        raise ConfigError(f"Synthetic image size must be (H, W) with both sides >= {MIN_SIDE}, got {size!r}.")
+    if len(hw) != 2 or min(hw) < MIN_SIDE or max(hw) > MAX_SIDE:
+        raise ConfigError(f"Synthetic image size must be (H, W) with both sides in {MIN_SIDE}..{MAX_SIDE}, got {size!r}.")
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+        raise ConfigError(f"--seed must be an integer >= 0 (NumPy seeds are non-negative), got {seed!r}.")
     out_root = Path(out_root)
     if out_root.exists() and not out_root.is_dir():
         raise InputError(f"--out '{out_root}' is a file; pass a directory (it will hold {DIR_NAMES[dataset]}/).")
     target = out_root / DIR_NAMES[dataset]
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+    if os.path.lexists(target) and not target.is_dir():
+        raise InputError(f"'{target}' exists and is not a folder; invpt-synth-data writes the dataset folder there and "
+                         "never replaces a file. Move it away, or choose another --out.")
+    if target.exists() and any(target.iterdir()):
         raise InputError(
             f"'{target}' already exists and is not empty; invpt-synth-data never writes into existing data. Choose "
             "another --out, or delete that directory yourself if it is an old synthetic dataset."
         )
-    out_root.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{DIR_NAMES[dataset]}.tmp-", dir=out_root))
-    try:
-        split_dir = stage / ("ImageSets/Context" if dataset == "pascal_context" else "gt_sets")
-        split_dir.mkdir(parents=True)
-        writer = _pascal_sample if dataset == "pascal_context" else _nyud_sample
-        splits = {"train": _split_ids(dataset, int(n_train), 0), "val": _split_ids(dataset, int(n_val), int(n_train))}
-        k = 0
-        from tqdm import tqdm
+    from invpt.artifacts import staging_dir
+    from invpt.paths import check_output_dir, is_within, nearest_existing
 
-        with tqdm(total=int(n_train) + int(n_val), desc=f"synth {dataset}", unit="img", leave=False,
-                  disable=None) as bar:
-            for name, ids in splits.items():
-                categories: dict[str, Any] = {}
-                for sid in ids:
-                    categories[sid] = writer(stage, sid, k, hw, np.random.default_rng([int(seed), k]))
-                    k += 1
-                    bar.update(1)
-                (split_dir / f"{name}.txt").write_text("".join(f"{sid}\n" for sid in ids), encoding="utf-8")
-                if dataset == "pascal_context":  # upstream's object list per image (JSON despite the name)
-                    parts_dir = stage / "ImageSets" / "Parts"
-                    parts_dir.mkdir(parents=True, exist_ok=True)
-                    (parts_dir / f"{name}.txt").write_text(json.dumps(categories, indent=1) + "\n", encoding="utf-8")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(stage, 0o777 & ~umask)  # mkdtemp made it private; give it the mode of a normal new directory
-        if target.is_dir():
-            target.rmdir()  # empty (checked above)
-        os.replace(stage, target)
+    check_output_dir(out_root, "--out", "Choose a writable folder for the synthetic dataset.")
+    existing = nearest_existing(out_root)  # folders below it that the run creates are removed again if it fails
+    try:
+        # A locked staging folder beside the target (.NAME.staging.XXXX): the stale ones of killed runs are removed
+        # when the next run starts, and a run that fails or is interrupted removes its own.
+        with staging_dir(target, InputError, redirect_tmp=False) as staging:
+            stage = staging / "data"
+            _write_dataset(stage, dataset, int(n_train), int(n_val), hw, int(seed))
+            if target.is_dir():
+                target.rmdir()  # empty (checked above)
+            os.replace(stage, target)
     except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
+        folder = out_root.absolute()
+        while folder != existing and is_within(folder, existing):
+            try:
+                folder.rmdir()  # only if empty
+            except OSError:
+                break
+            folder = folder.parent
         raise
     return target
+
+
+def _write_dataset(stage: Path, dataset: str, n_train: int, n_val: int, hw: tuple[int, ...], seed: int) -> None:
+    """Write the whole dataset into the new folder ``stage`` (split files, images and labels)."""
+    stage.mkdir()
+    split_dir = stage / ("ImageSets/Context" if dataset == "pascal_context" else "gt_sets")
+    split_dir.mkdir(parents=True)
+    writer = _pascal_sample if dataset == "pascal_context" else _nyud_sample
+    splits = {"train": _split_ids(dataset, n_train, 0), "val": _split_ids(dataset, n_val, n_train)}
+    k = 0
+    from tqdm import tqdm
+
+    with tqdm(total=n_train + n_val, desc=f"synth {dataset}", unit="img", leave=False,
+              disable=None) as bar:
+        for name, ids in splits.items():
+            categories: dict[str, Any] = {}
+            for sid in ids:
+                categories[sid] = writer(stage, sid, k, hw, np.random.default_rng([seed, k]))
+                k += 1
+                bar.update(1)
+            (split_dir / f"{name}.txt").write_text("".join(f"{sid}\n" for sid in ids), encoding="utf-8")
+            if dataset == "pascal_context":  # upstream's object list per image (JSON despite the name)
+                parts_dir = stage / "ImageSets" / "Parts"
+                parts_dir.mkdir(parents=True, exist_ok=True)
+                (parts_dir / f"{name}.txt").write_text(json.dumps(categories, indent=1) + "\n", encoding="utf-8")
 
 
 # ---- CLI ----------------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ _EXPORTS = {
     "MultiTaskEvaluator": "invpt.train.metrics",
     "TrainOptions": "invpt.train.options",
     "TrainResult": "invpt.train.loop",
-    "TrainingDivergedError": "invpt.train.loop",
+    "TrainingDivergedError": "invpt.errors",
     "load_backbone_weights": "invpt.train.loop",
     "train": "invpt.train.loop",
     "evaluate": "invpt.train.evaluate",

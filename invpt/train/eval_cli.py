@@ -134,6 +134,37 @@ def check_outputs(opts: EvalOptions) -> None:
         if opts.data_root.exists() and (_within(sp, opts.data_root) or _within(opts.data_root, sp)):
             raise InputError(f"--save-predictions '{sp}' overlaps the data folder '{opts.data_root}'; invpt never writes "
                              "into its inputs. Pass a separate folder, e.g. preds/.")
+        if _within(opts.ckpt, sp) or _within(opts.out, sp):
+            raise InputError(f"--save-predictions '{sp}' holds the checkpoint or the report (--out); pass a folder of "
+                             "its own for the predictions, e.g. preds/.")
+        if sp.is_dir() and any(sp.iterdir()):
+            first = sorted(p.name for p in sp.iterdir())[:3]
+            raise InputError(
+                f"--save-predictions '{sp}' is not empty (it holds {', '.join(first)}...): the predictions of this run "
+                "would mix with files already there, and an offline evaluation of the folder would read both. Pass a "
+                "new or empty folder, or delete that one yourself if it holds old predictions.")
+        from invpt.paths import check_output_dir
+
+        check_output_dir(sp, "--save-predictions", "Pass a writable folder, e.g. preds/.")
+    elif opts.save_tasks != "all":
+        raise InputError(f"--save-tasks {opts.save_tasks} chooses which predictions --save-predictions writes, and no "
+                         "--save-predictions folder was given. Add --save-predictions DIR, or leave --save-tasks out.")
+
+
+def save_task_list(opts: EvalOptions) -> "str | list[str]":
+    """``--save-tasks`` as ``"all"`` or a list of task names (InputError for an empty list or an unknown name)."""
+    from invpt.cli.common import parse_task_list
+    from invpt.tasks import DATASETS
+
+    if opts.save_tasks.strip() == "all":
+        return "all"
+    tasks = parse_task_list(opts.save_tasks, "--save-tasks") or []
+    known = sorted({t.name for d in DATASETS.values() for t in d.tasks})
+    unknown = [t for t in tasks if t not in known]
+    if unknown:
+        raise InputError(f"--save-tasks names unknown task(s) {', '.join(unknown)}; tasks are {', '.join(known)} (the "
+                         "model's own are checked once it is loaded), or all.")
+    return tasks
 
 
 def _config_check(opts: EvalOptions) -> None:
@@ -168,6 +199,7 @@ def evaluate_checkpoint(opts: EvalOptions) -> dict:
     from invpt.train.metrics import build_evaluator
 
     check_outputs(opts)
+    save_tasks = save_task_list(opts)
     _config_check(opts)
     ctx = init_distributed(opts.device)
     try:
@@ -175,8 +207,12 @@ def evaluate_checkpoint(opts: EvalOptions) -> dict:
             check_bf16(ctx.device)
         model = load_model(opts.ckpt, config=opts.config, device=ctx.device)
         cfg = model.cfg
+        if save_tasks != "all" and opts.save_predictions is not None:
+            missing = [t for t in save_tasks if t not in cfg.tasks]
+            if missing:
+                raise InputError(f"--save-tasks {', '.join(missing)}: the model of '{opts.ckpt}' does not predict "
+                                 f"{'it' if len(missing) == 1 else 'them'}; its tasks are {', '.join(cfg.tasks)}.")
         dataset = MultiTaskDataset(opts.data_root, cfg, split=opts.split, transforms="eval")
-        save_tasks = "all" if opts.save_tasks == "all" else [t.strip() for t in opts.save_tasks.split(",") if t.strip()]
         evaluator = build_evaluator(cfg, save_dir=opts.save_predictions, save_tasks=save_tasks)
         t0 = time.perf_counter()
         scores = evaluate(model, dataset, evaluator, batch_size=opts.batch, workers=opts.workers, ctx=ctx,

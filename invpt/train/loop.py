@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from invpt.config import InvPTConfig, load_config
-from invpt.errors import CheckpointError, ConfigError, InputError, InvptError
+from invpt.errors import CheckpointError, ConfigError, InputError, TrainingDivergedError
 from invpt.paths import check_output_dir, is_within
 from invpt.timing import PhaseTimer
 from invpt.train.distributed import (
@@ -60,10 +60,6 @@ FINAL_NAME = "final.pth"
 OFFICIAL_NAME = "final_official.pth.tar"
 CKPT_PATTERN = re.compile(r"^ckpt_(\d+)\.pth$")
 TRAIN_STATE_VERSION = 1
-
-
-class TrainingDivergedError(InvptError):
-    """The loss became NaN or Inf; training stopped before the step that would have corrupted the weights."""
 
 
 @dataclass

@@ -1,0 +1,271 @@
+"""Bad input and faults in the newer command-line tools: one test per case the reliability review found handled badly.
+
+Each test asserts the exit code, a message fragment naming the file or flag at fault, and that nothing the user owns
+changed and nothing was left behind. The ids (T25, P19, B05, D08, E21, S05, ...) are the review's case numbers: T
+invpt-trt-build, P invpt-parity, B invpt-bench, D invpt-deploy, E invpt-eval, R invpt-train, S invpt-synth-data.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import tree_digest
+
+HUGE = "1000000000"  # images or batch: terabytes, on any machine
+
+
+def _files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+# ---- invpt-trt-build -----------------------------------------------------------------------------------------------
+def test_trt_build_refuses_an_unverifiable_precision_onnx_left_beside_the_input(pascal_onnx, copy_artifact, capsys):
+    """T25: a leftover m.fp16.onnx without a manifest: refused as a file invpt will not overwrite (was: 'export the
+    model with invpt-export instead of using a bare ONNX file', which named the wrong file's fix)."""
+    from invpt.engines.cli import main
+
+    onnx = copy_artifact(pascal_onnx.onnx_path)
+    leftover = onnx.with_name("m.fp16.onnx")
+    leftover.write_bytes(b"partial")
+    before = tree_digest(onnx.parent)
+    assert main(["--onnx", str(onnx), "--fp16", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"'{leftover}' exists but cannot be reused" in err and "does not overwrite it" in err
+    assert tree_digest(onnx.parent) == before  # no plan, no FP16 ONNX, no lock or staging folder
+
+
+def test_trt_build_ckpt_refuses_an_unverifiable_onnx_at_the_export_target(tiny_pascal_official_ckpt, tmp_path,
+                                                                          capsys):
+    """T25 (--ckpt path): an ONNX where the export would go, with no manifest, is named and kept."""
+    from invpt.engines.cli import main
+
+    out = tmp_path / "e" / "m.plan"
+    out.parent.mkdir()
+    target = out.parent / "tiny_pascal_official.onnx"
+    target.write_bytes(b"not an onnx")
+    assert main(["--ckpt", str(tiny_pascal_official_ckpt), "--fp32", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"'{target}' exists but cannot be reused" in err and "Manifest" in err
+    assert _files(out.parent) == ["tiny_pascal_official.onnx"] and target.read_bytes() == b"not an onnx"
+
+
+# ---- invpt-parity / invpt-bench ------------------------------------------------------------------------------------
+def test_parity_refuses_samples_that_cannot_fit_in_memory(tiny_pascal_official_ckpt, pascal_onnx, tmp_path, capsys):
+    """P19: --samples 10**9 without --data was a raw MemoryError traceback (exit 1)."""
+    from invpt.runtime.parity_cli import main
+
+    out = tmp_path / "rep"
+    assert main(["--ckpt", str(tiny_pascal_official_ckpt), "--model", str(pascal_onnx.onnx_path), "--samples", HUGE,
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"--samples {HUGE} needs at least" in err and "Pass a smaller --samples" in err
+    assert "Traceback" not in err and not out.exists()
+
+
+def test_bench_refuses_a_batch_that_cannot_fit_in_memory(pascal_dynamic_onnx, tmp_path, capsys):
+    """B05: --batch 10**9 on a dynamic-batch ONNX was a raw MemoryError traceback (exit 1)."""
+    from invpt.runtime.bench_cli import main
+
+    out = tmp_path / "b"
+    assert main(["--model", str(pascal_dynamic_onnx.onnx_path), "--batch", HUGE, "--iters", "1", "--out",
+                 str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"--batch {HUGE} needs at least" in err and "Traceback" not in err and not out.exists()
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--autocast", "fp16"], "--autocast fp16 times PyTorch under CUDA autocast, but --device is 'cpu'"),  # B12
+    (["--device", "bogus"], "Device 'bogus' is not a torch device"),  # B14
+])
+def test_bench_checks_the_pytorch_device_before_loading_the_checkpoint(tiny_pascal_official_ckpt, tmp_path, capsys,
+                                                                       monkeypatch, argv, fragment):
+    """B12/B14: --device / --autocast were checked only after the checkpoint was loaded (seconds for ViT-L)."""
+    import invpt.runtime.load as load
+    from invpt.runtime.bench_cli import main
+
+    def never(*a, **k):
+        raise AssertionError("the checkpoint was loaded before the flags were checked")
+
+    monkeypatch.setattr(load, "reference_runner", never)
+    out = tmp_path / "b"
+    assert main(["--ckpt", str(tiny_pascal_official_ckpt), *argv, "--out", str(out)]) == 2
+    assert fragment in capsys.readouterr().err and not out.exists()
+
+
+def test_bench_refuses_device_flags_without_a_checkpoint(pascal_onnx, tmp_path, capsys):
+    """B20: --device cuda with only --model artifacts was silently ignored."""
+    from invpt.runtime.bench_cli import main
+
+    out = tmp_path / "b"
+    assert main(["--model", str(pascal_onnx.onnx_path), "--device", "cuda", "--out", str(out)]) == 2
+    assert "needs --ckpt" in capsys.readouterr().err and not out.exists()
+
+
+# ---- invpt-deploy --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("flag, value, precision", [
+    ("--iters", "0", "fp32"),  # D08
+    ("--samples", "0", "fp32"),  # D09
+    ("--calib-samples", "0", "fp32,fp16"),  # D10
+    ("--warmup", "-1", "fp32"),  # D14
+    ("--holdout-samples", "0", "fp32,fp16"),  # D15
+])
+def test_deploy_checks_every_count_before_the_export(tiny_pascal_official_ckpt, tmp_path, capsys, monkeypatch,
+                                                     flag, value, precision):
+    """D08-D15: these were refused only after the export (and D08/D14 after the parity report), leaving ck.onnx,
+    its manifest and parity/ in --out."""
+    import invpt.export.pipeline as pipeline
+    from invpt.runtime.deploy_cli import main
+
+    def never(*a, **k):
+        raise AssertionError("exported before the flags were checked")
+
+    monkeypatch.setattr(pipeline, "run_export", never)
+    out = tmp_path / "d"
+    assert main(["--ckpt", str(tiny_pascal_official_ckpt), "--out", str(out), "--precision", precision,
+                 "--no-engines", flag, value]) == 2
+    assert f"{flag} must be an integer >= " in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_deploy_refuses_a_batch_that_cannot_fit_before_quantizing(tiny_pascal_official_ckpt, pascal_dynamic_onnx,
+                                                                  tmp_path, capsys, monkeypatch):
+    """D20: a huge --batch failed only in the latency stage, after the FP16 ONNX, engines and parity were made."""
+    import invpt.calib.pipeline as calib
+    from invpt.runtime.deploy_cli import main
+
+    def never(*a, **k):
+        raise AssertionError("quantized before --batch was checked")
+
+    monkeypatch.setattr(calib, "run_quantize", never)
+    out = tmp_path / "d"
+    out.mkdir()
+    # the FP32 ONNX a previous run exported from this checkpoint: reused after verification, so nothing is exported
+    shutil.copyfile(pascal_dynamic_onnx.onnx_path, out / "tiny_pascal_official.onnx")
+    shutil.copyfile(pascal_dynamic_onnx.manifest_path, out / "tiny_pascal_official.json")
+    before = tree_digest(out)
+    assert main(["--ckpt", str(tiny_pascal_official_ckpt), "--out", str(out), "--precision", "fp32,fp16",
+                 "--no-engines", "--batch", HUGE]) == 2
+    assert f"--batch {HUGE} needs at least" in capsys.readouterr().err
+    after = tree_digest(out)
+    assert {k: v for k, v in after.items() if not k.startswith(".")} == before  # only the publish lock file is new
+
+
+# ---- invpt-eval ----------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pascal_data(tmp_path_factory) -> Path:
+    from invpt.data.synthetic import make_synthetic
+
+    root = tmp_path_factory.mktemp("synth_faults")
+    make_synthetic("pascal_context", root, n_train=1, n_val=2, seed=0)
+    return root
+
+
+def test_eval_refuses_a_non_empty_predictions_folder(tiny_pascal_official_ckpt, pascal_data, tmp_path, capsys):
+    """E21: predictions were written into a folder holding another run's files (mixed silently)."""
+    from invpt.train.eval_cli import main
+
+    preds = tmp_path / "p"
+    (preds / "semseg").mkdir(parents=True)
+    (preds / "semseg" / "old.png").write_bytes(b"old")
+    before = tree_digest(tmp_path)
+    assert main(["--ckpt", str(tiny_pascal_official_ckpt), "--data", str(pascal_data), "--out",
+                 str(tmp_path / "r.json"), "--workers", "0", "--save-predictions", str(preds)]) == 2
+    assert f"--save-predictions '{preds}' is not empty" in capsys.readouterr().err
+    assert tree_digest(tmp_path) == before
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--save-predictions", "P", "--save-tasks", "bogus"], "--save-tasks names unknown task(s) bogus"),  # E12
+    (["--save-tasks", "edge"], "no --save-predictions folder was given"),  # E22
+    (["--save-predictions", "P", "--save-tasks", "depth"], "does not predict it"),  # E12, the model's own tasks
+])
+def test_eval_checks_save_tasks_before_evaluating(tiny_pascal_official_ckpt, pascal_data, tmp_path, capsys,
+                                                  monkeypatch, argv, fragment):
+    """E12/E22: --save-tasks was checked after the model and the data were loaded, by the name 'save_tasks', and
+    ignored without --save-predictions."""
+    import invpt.data.multitask as multitask
+    from invpt.train.eval_cli import main
+
+    def never(*a, **k):
+        raise AssertionError("the dataset was opened before --save-tasks was checked")
+
+    monkeypatch.setattr(multitask, "MultiTaskDataset", never)
+    argv = [str(tmp_path / "p") if a == "P" else a for a in argv]
+    assert main(["--ckpt", str(tiny_pascal_official_ckpt), "--data", str(pascal_data), "--out",
+                 str(tmp_path / "r.json"), "--workers", "0", *argv]) == 2
+    assert fragment in capsys.readouterr().err
+    assert _files(tmp_path) == []
+
+
+def test_eval_names_a_checkpoint_of_the_other_dataset(tiny_nyud_official_ckpt, pascal_data, tmp_path, capsys):
+    """E04 (and R09 for invpt-train): a NYUD-v2 model on PASCAL-Context data named a missing gt_sets/val.txt."""
+    from invpt.train.eval_cli import main
+
+    assert main(["--ckpt", str(tiny_nyud_official_ckpt), "--data", str(pascal_data), "--out",
+                 str(tmp_path / "r.json"), "--workers", "0"]) == 2
+    err = capsys.readouterr().err
+    assert f"'{pascal_data}' holds PASCAL-Context data, but the model is a NYUD-v2 model" in err
+    assert _files(tmp_path) == []
+
+
+# ---- invpt-synth-data ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv, fragment", [
+    (["--seed", "-1"], "--seed must be an integer >= 0"),  # S05: ValueError traceback, and left --out behind
+    (["--size", "100000", "100000"], "both sides in 32..4096"),  # S09: MemoryError traceback
+])
+def test_synth_data_refuses_bad_numbers(tmp_path, capsys, argv, fragment):
+    from invpt.data.synthetic import main
+
+    out = tmp_path / "o"
+    assert main(["--dataset", "nyud_v2", "--out", str(out), "--train", "1", "--val", "1", *argv]) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and "Traceback" not in err and not out.exists()
+
+
+def test_synth_data_refuses_an_out_path_through_a_file(tmp_path, capsys):
+    """S10: --out f/sub with f a file was a NotADirectoryError traceback (S06, a read-only folder, takes the same
+    check_output_dir path)."""
+    from invpt.data.synthetic import main
+
+    (tmp_path / "f").write_text("keep")
+    assert main(["--dataset", "pascal_context", "--out", str(tmp_path / "f" / "sub")]) == 2
+    assert f"--out '{tmp_path / 'f' / 'sub'}' cannot be created" in capsys.readouterr().err
+    assert (tmp_path / "f").read_text() == "keep" and _files(tmp_path) == ["f"]
+
+
+def test_synth_data_target_that_is_a_file(tmp_path, capsys):
+    """S08: a file where the dataset folder goes was reported as 'already exists and is not empty'."""
+    from invpt.data.synthetic import main
+
+    (tmp_path / "NYUDv2").write_text("keep")
+    assert main(["--dataset", "nyud_v2", "--out", str(tmp_path)]) == 2
+    assert f"'{tmp_path / 'NYUDv2'}' exists and is not a folder" in capsys.readouterr().err
+    assert (tmp_path / "NYUDv2").read_text() == "keep" and _files(tmp_path) == ["NYUDv2"]
+
+
+def test_synth_data_removes_the_staging_folder_of_a_killed_run(tmp_path):
+    """S07/S11: the staging folder a killed run leaves (its lock no longer held) is removed by the next run; before,
+    every killed run left a hidden partial dataset in --out for good."""
+    from invpt.data.synthetic import make_synthetic
+
+    stale = tmp_path / ".PASCALContext.staging.dead"
+    (stale / "data").mkdir(parents=True)
+    (stale / ".lock").touch()
+    (stale / "data" / "partial.jpg").write_bytes(b"x")
+    make_synthetic("pascal_context", tmp_path, n_train=1, n_val=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["PASCALContext"]
+
+
+def test_synth_data_interrupted_leaves_nothing(tmp_path, monkeypatch):
+    """S12: an interrupted run left the --out folder it had created (and, killed, its staging folder)."""
+    import invpt.data.synthetic as synthetic
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(synthetic, "_pascal_sample", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        synthetic.make_synthetic("pascal_context", tmp_path / "new" / "o", n_train=1, n_val=1)
+    assert _files(tmp_path) == []
