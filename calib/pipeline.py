@@ -37,7 +37,7 @@ from invpt.manifest import Manifest, manifest_path_for, now_iso, parent_record, 
 from invpt.paths import require_file
 from invpt.runners import OnnxRuntimeRunner, PyTorchRunner, Runner
 from invpt.preflight import check_quantize_memory
-from invpt.onnx_summary import WrittenOnnx
+from invpt.onnx_summary import GraphSummary, WrittenOnnx, read_summary
 from invpt.timing import PhaseTimer
 
 _logger = logging.getLogger(__name__)
@@ -298,10 +298,22 @@ def load_held_out(manifest: Manifest, opts: QuantizeOptions) -> _HeldOut:
     return _HeldOut(None, images, f"{len(images)} seeded random input(s) (no --calib-data given)")
 
 
-def private_input(inputs: _Inputs, staging: Path) -> Path:
+def input_summary(onnx_path: Path) -> GraphSummary:
+    """The input's :class:`~invpt.onnx_summary.GraphSummary` (its graph parsed once); a file that does not parse is
+    an :class:`~invpt.errors.InputError` (see :func:`unreadable_onnx`)."""
+    from google.protobuf.message import DecodeError
+
+    try:
+        return read_summary(onnx_path)
+    except DecodeError as err:
+        raise unreadable_onnx(onnx_path, err) from err
+
+
+def private_input(inputs: _Inputs, staging: Path, summary: Optional[GraphSummary] = None) -> Path:
     """Step 3: the one private copy of the input the whole stage reads, checked to be the file the manifest describes
-    (libraries rewrite their input in place, and the user's file may change while we run)."""
-    return private_copy(inputs.onnx_path, staging / ".input", expect_sha256=inputs.manifest.sha256)
+    (libraries rewrite their input in place, and the user's file may change while we run). ``summary``: the input's
+    graph summary when the caller has read it (its external-data files are then copied without another parse)."""
+    return private_copy(inputs.onnx_path, staging / ".input", expect_sha256=inputs.manifest.sha256, summary=summary)
 
 
 def reference_outputs(inputs: _Inputs, src: Path, images: np.ndarray) -> tuple[dict, str]:
@@ -384,8 +396,13 @@ def quantize(onnx_path: str | os.PathLike, opts: QuantizeOptions) -> QuantizeRes
     sens_report = None
     with staging_dir(out, InputError) as staging:
         with timer.phase("data"):
-            src = private_input(inputs, staging)
-            selection = select_nodes(src, opts.precision, opts.policy, opts.keep_terms, tasks, cfg.backbone.depth)
+            # The input's graph read once (names and types, no weights kept): the private copy's external-data files
+            # and the policy's node selections (here and after a sensitivity sweep) come from it. The copy itself is
+            # checked against the manifest's sha256, so the summary describes the bytes the stage works on.
+            graph = input_summary(inputs.onnx_path)
+            src = private_input(inputs, staging, graph)
+            selection = select_nodes(src, opts.precision, opts.policy, opts.keep_terms, tasks, cfg.backbone.depth,
+                                     summary=graph)
             per_node = opts.calibrate_per_node  # None: invpt's ranges; True/False: ModelOpt calibrates itself
         ref, ref_name = {}, ""
         if opts.verify or opts.sensitivity:
@@ -401,7 +418,7 @@ def quantize(onnx_path: str | os.PathLike, opts: QuantizeOptions) -> QuantizeRes
                 extra = sens_report.get("search", {}).get("keep_blocks", [])
                 if extra:
                     selection = select_nodes(src, opts.precision, opts.policy, list(opts.keep_terms) + list(extra),
-                                             tasks, cfg.backbone.depth)
+                                             tasks, cfg.backbone.depth, summary=graph)
         tmp_out = staging / out.name
         with timer.phase("calibrate" if opts.precision == "int8" else "convert"):
             audit, written = convert(src, tmp_out, opts, selection, held.data, per_node)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
 from invpt.errors import ConfigError
+from invpt.onnx_summary import GraphSummary
 
 _logger = logging.getLogger(__name__)
 
@@ -146,10 +147,15 @@ def resolve_terms(terms: Iterable[str], nodes: Sequence[tuple[str, str]], tasks:
 
 
 def select_nodes(onnx_path: str | os.PathLike, precision: str, policy_name: str, extra_terms: Sequence[str],
-                 tasks: Sequence[str], depth: int) -> NodeSelection:
-    """Apply a policy plus ``extra_terms`` to a graph: the high-precision node set, grouped by reason."""
+                 tasks: Sequence[str], depth: int, *, summary: Optional[GraphSummary] = None) -> NodeSelection:
+    """Apply a policy plus ``extra_terms`` to a graph: the high-precision node set, grouped by reason.
+
+    The selection needs only the node names and op types: ``summary`` is ``onnx_path``'s
+    :class:`~invpt.onnx_summary.GraphSummary` when the caller holds it (the file is then not read; a caller holding
+    the graph's ``ModelProto`` passes ``GraphSummary.from_proto(proto)``).
+    """
     policy = get_policy(precision, policy_name)
-    nodes = graph_nodes(onnx_path)
+    nodes = list(summary.nodes) if summary is not None else graph_nodes(onnx_path)
     kept = resolve_terms(list(policy.keep_terms) + list(extra_terms), nodes, tasks, depth)
     for op in policy.keep_op_types:
         kept[f"op.{op}"] = [n for n, t in nodes if t == op]

@@ -35,6 +35,7 @@ from typing import Iterable, Iterator, Optional, Type
 from invpt.atomic import fsync_path
 from invpt.errors import InputError, InvptError, ManifestError
 from invpt.manifest import Manifest, manifest_path_for, sha256_file
+from invpt.onnx_summary import GraphSummary, external_data_locations
 from invpt.paths import check_output_dir, describe_path_problem, require_file, same_file
 
 _logger = logging.getLogger(__name__)
@@ -395,47 +396,8 @@ def verified_manifest(
 
 
 
-def _external_data_locations(proto) -> list[str]:
-    """The ``location`` of every external-data tensor of an ONNX model (initializers, node attributes, subgraphs)."""
-    from onnx import AttributeProto, TensorProto
-
-    locations: list[str] = []
-
-    def tensor(t) -> None:
-        if t.data_location == TensorProto.EXTERNAL:
-            loc = next((e.value for e in t.external_data if e.key == "location"), None)
-            if loc is not None and loc not in locations:
-                locations.append(loc)
-
-    def graph(g) -> None:
-        for t in g.initializer:
-            tensor(t)
-        for s in g.sparse_initializer:
-            tensor(s.values)
-            tensor(s.indices)
-        for node in g.node:
-            for a in node.attribute:
-                if a.type == AttributeProto.TENSOR:
-                    tensor(a.t)
-                elif a.type == AttributeProto.TENSORS:
-                    for t in a.tensors:
-                        tensor(t)
-                elif a.type == AttributeProto.GRAPH:
-                    graph(a.g)
-                elif a.type == AttributeProto.GRAPHS:
-                    for sub in a.graphs:
-                        graph(sub)
-
-    graph(proto.graph)
-    for f in proto.functions:
-        for node in f.node:
-            for a in node.attribute:
-                if a.type == AttributeProto.TENSOR:
-                    tensor(a.t)
-    return locations
-
-
-def private_copy(src: str | os.PathLike, into_dir: str | os.PathLike, expect_sha256: Optional[str] = None) -> Path:
+def private_copy(src: str | os.PathLike, into_dir: str | os.PathLike, expect_sha256: Optional[str] = None, *,
+                 summary: Optional[GraphSummary] = None) -> Path:
     """Copy the ONNX file ``src`` and the external-data files it references into ``into_dir``; return the copy.
 
     ``expect_sha256``: the sha256 its manifest records; the model file is hashed while it is copied (one read, not
@@ -448,21 +410,16 @@ def private_copy(src: str | os.PathLike, into_dir: str | os.PathLike, expect_sha
     ModelOpt's fallback for a read-only input folder (a temp folder it never removes) never triggers. External data
     keeps its relative location; a location outside the model's folder, or a missing file, is an
     :class:`~invpt.errors.InputError` naming it.
-    """
-    import onnx
-    from google.protobuf.message import DecodeError
 
+    ``summary``: ``src``'s :class:`~invpt.onnx_summary.GraphSummary` when the caller has read it; its
+    ``external_data`` names the files to copy, and ``src`` is not parsed here (parsing a self-contained model reads
+    all its inline weights).
+    """
     src, into = Path(src), Path(into_dir)
     into.mkdir(parents=True, exist_ok=True)
     dst = into / src.name
-    try:
-        proto = onnx.load(str(src), load_external_data=False)
-    except (DecodeError, OSError) as err:
-        raise InputError(
-            f"'{src}' is not a readable ONNX model ({type(err).__name__}: {err}); it is truncated, unreadable or not an "
-            "ONNX file. Re-export it with invpt-export."
-        ) from err
-    for loc in _external_data_locations(proto):
+    locations = list(summary.external_data) if summary is not None else _read_external_data_locations(src)
+    for loc in locations:
         rel = Path(loc)
         if rel.is_absolute() or ".." in rel.parts or not rel.parts:
             raise InputError(
@@ -485,6 +442,21 @@ def private_copy(src: str | os.PathLike, into_dir: str | os.PathLike, expect_sha
             f"{expect_sha256[:12]}... recorded); nothing was written. Run again once it is no longer being written."
         )
     return dst
+
+
+def _read_external_data_locations(src: Path) -> list[str]:
+    """The external-data locations of the ONNX file ``src`` (its graph parsed, external data not loaded)."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        proto = onnx.load(str(src), load_external_data=False)
+    except (DecodeError, OSError) as err:
+        raise InputError(
+            f"'{src}' is not a readable ONNX model ({type(err).__name__}: {err}); it is truncated, unreadable or not an "
+            "ONNX file. Re-export it with invpt-export."
+        ) from err
+    return external_data_locations(proto)
 
 
 def _copy_new_inode(src: Path, dst: Path, hashed: bool = False) -> Optional[str]:

@@ -31,7 +31,8 @@ class GraphSummary:
     """One ONNX model's graph in brief (main graph; no weights).
 
     ``nodes`` are ``(name, op_type)`` in graph order. ``initializer_bytes`` counts the weights' data, inline or in
-    external-data files (their ``length``); ``external_data`` lists those files' locations.
+    external-data files (their ``length``); ``external_data`` lists the locations of every external-data file the
+    model refers to (see :func:`external_data_locations`), so that a copy made from it misses none.
     """
 
     inputs: tuple[ValueSpec, ...]
@@ -65,13 +66,7 @@ class GraphSummary:
     def from_proto(cls, proto) -> "GraphSummary":
         """The summary of an in-memory ``onnx.ModelProto`` (with or without its weights loaded)."""
         g = proto.graph
-        ext: list[str] = []
-        total = 0
-        for init in g.initializer:
-            total += tensor_data_bytes(init)
-            for loc in _locations(init):
-                if loc not in ext:
-                    ext.append(loc)
+        total = sum(tensor_data_bytes(init) for init in g.initializer)
         opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
         return cls(
             inputs=tuple(_value_spec(v) for v in g.input),
@@ -79,7 +74,7 @@ class GraphSummary:
             nodes=tuple((n.name, n.op_type) for n in g.node),
             initializer_count=len(g.initializer),
             initializer_bytes=total,
-            external_data=tuple(sorted(ext)),
+            external_data=tuple(sorted(external_data_locations(proto))),
             opset=int(opset),
             ir_version=int(proto.ir_version),
         )
@@ -132,10 +127,43 @@ def tensor_data_bytes(t) -> int:
     return 0
 
 
-def _locations(t) -> list[str]:
-    if t.data_location != 1:
-        return []
-    return [e.value for e in t.external_data if e.key == "location"]
+def external_data_locations(proto) -> list[str]:
+    """The ``location`` of every external-data tensor of an ONNX ``ModelProto``, in the order first met: initializers,
+    sparse initializers, tensor attributes of nodes, subgraphs (If/Loop/Scan bodies) and local functions."""
+    locations: list[str] = []
+
+    def tensor(t) -> None:
+        if t.data_location == 1:  # TensorProto.EXTERNAL
+            loc = next((e.value for e in t.external_data if e.key == "location"), None)
+            if loc is not None and loc not in locations:
+                locations.append(loc)
+
+    def nodes(node_list) -> None:
+        for node in node_list:
+            for a in node.attribute:  # AttributeProto types: 4 TENSOR, 5 GRAPH, 9 TENSORS, 10 GRAPHS
+                if a.type == 4:
+                    tensor(a.t)
+                elif a.type == 9:
+                    for t in a.tensors:
+                        tensor(t)
+                elif a.type == 5:
+                    graph(a.g)
+                elif a.type == 10:
+                    for sub in a.graphs:
+                        graph(sub)
+
+    def graph(g) -> None:
+        for t in g.initializer:
+            tensor(t)
+        for s in g.sparse_initializer:
+            tensor(s.values)
+            tensor(s.indices)
+        nodes(g.node)
+
+    graph(proto.graph)
+    for f in proto.functions:
+        nodes(f.node)
+    return locations
 
 
 def _value_spec(v) -> ValueSpec:
