@@ -180,7 +180,9 @@ def release_exporter_state() -> int:
         return 0
     n = 0
     for obj in gc.get_objects():
-        if isinstance(obj, matcher_type):
+        # The object's type, not isinstance(): ABCMeta's instance check reads obj.__class__, and the gc's objects
+        # include the deprecated torch.distributed.reduce_op, whose every attribute access warns (FutureWarning).
+        if issubclass(type(obj), matcher_type):
             for attr in ("_graph", "_current_node", "_match", "_tracer"):
                 if getattr(obj, attr, None) is not None:
                     setattr(obj, attr, None)
