@@ -168,10 +168,11 @@ def pascal_dynamic_onnx(tiny_pascal_official_ckpt, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def nyud_b2_onnx(tiny_nyud_official_ckpt, tmp_path_factory):
-    """tiny NYUD at a static batch of 2, verified (an ExportResult)."""
+    """tiny NYUD at a static batch of 2, through onnxslim (--simplify), verified (an ExportResult)."""
     from invpt.export import run_export
 
-    res = _once(tmp_path_factory, "nyud_b2", lambda d: run_export(tiny_nyud_official_ckpt, d / "nyud.onnx", batch=2))
+    res = _once(tmp_path_factory, "nyud_b2",
+                lambda d: run_export(tiny_nyud_official_ckpt, d / "nyud.onnx", batch=2, simplify=True))
     with _kept_read_only(res.onnx_path, what="batch-2 NYUD ONNX"):
         yield res
 

@@ -30,11 +30,10 @@ def pascal_dynamic(pascal_dynamic_onnx):
     return pascal_dynamic_onnx
 
 
-@pytest.fixture(scope="module")
-def nyud_static(tiny_nyud_official_ckpt, tmp_path_factory):
-    """Batch 2 and onnxslim: its own export (the session's batch-2 NYUD is not simplified)."""
-    out = tmp_path_factory.mktemp("exp") / "nyud.onnx"
-    return run_export(tiny_nyud_official_ckpt, out, batch=2, simplify=True)
+@pytest.fixture
+def nyud_static(nyud_b2_onnx):
+    """The session's tiny NYUD export: static batch 2, through onnxslim (tests/conftest.py). Read-only here."""
+    return nyud_b2_onnx
 
 
 def _ops(path) -> Counter:
@@ -319,7 +318,7 @@ def test_export_model_from_memory_records_no_parent_and_its_phase_times(tiny_pas
     """A model held in memory (training) exports without a checkpoint file; the phase timer lands in the manifest."""
     from invpt.export.pipeline import ExportOptions, export_model
 
-    res = export_model(tiny_pascal, tmp_path / "mem.onnx", ExportOptions(tasks=("semseg",), dynamic_batch=True))
+    res = export_model(tiny_pascal, tmp_path / "mem.onnx", ExportOptions(tasks=("semseg",)))
     m = Manifest.load(res.manifest_path)
     assert res.parity.passed and m.parent is None and [o.name for o in m.outputs] == ["semseg"]
     # The manifest is written inside the last phase ("write"), so it records every phase before that one.
