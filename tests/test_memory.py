@@ -3,15 +3,13 @@
 * FP16: invpt's bounded-memory data-range rule selects exactly the nodes AutoCast's own (all-tensors-at-once)
   ReferenceRunner would, whether the tensors are exposed in one chunk or many, and the FP16 graph is the same.
 * Checkpoints are memory-mapped and assigned to a meta-built model (one copy of the weights).
-* Export verification frees the PyTorch model before the ONNX Runtime session opens.
+* Export verification frees the PyTorch model before the ONNX Runtime session opens: tests/test_export_memory.py.
 * INT8: ModelOpt's own whole-graph calibration folds each step into its ranges (steps give the scales of one feed);
   invpt's bounded-memory ranges (the default) are pinned in tests/test_int8_ranges.py.
 * The preflight estimate refuses, with exit 2 and before any work, a configuration the machine cannot hold.
 """
 from __future__ import annotations
 
-import gc
-import weakref
 from pathlib import Path
 
 import numpy as np
@@ -177,34 +175,6 @@ def test_legacy_non_zip_checkpoint_still_loads(tiny_pascal, tmp_path):
         assert torch.equal(model.state_dict()[k], v), k
 
 
-# ---- export: one model in memory at a time --------------------------------------------------------------------------
-def test_export_frees_the_model_before_onnxruntime_opens(tiny_pascal_official_ckpt, tmp_path, monkeypatch):
-    import onnxruntime
-
-    import invpt.checkpoint
-
-    refs = []
-    real_load, real_session = invpt.checkpoint.load_model, onnxruntime.InferenceSession
-
-    def load(*a, **k):
-        model = real_load(*a, **k)
-        refs.append(weakref.ref(model))
-        return model
-
-    alive_at_session = []
-
-    def session(path, *a, **k):
-        gc.collect()
-        alive_at_session.append(refs[0]() is not None)
-        return real_session(path, *a, **k)
-
-    monkeypatch.setattr(invpt.checkpoint, "load_model", load)
-    monkeypatch.setattr(onnxruntime, "InferenceSession", session)  # what the core ONNX Runtime runner opens
-    res = run_export(tiny_pascal_official_ckpt, tmp_path / "m.onnx", tasks=["sal"])  # one head: a quicker export
-    assert res.parity.passed and res.manifest.verification["passed"] is True
-    assert alive_at_session == [False]
-
-
 # ---- preflight ------------------------------------------------------------------------------------------------------
 def test_mem_available_reads_meminfo(tmp_path):
     f = tmp_path / "meminfo"
@@ -340,26 +310,6 @@ def test_export_proceeds_when_memory_is_ample(tiny_pascal_official_ckpt, tmp_pat
 def test_insufficient_memory_is_an_invpt_error_with_exit_2():
     assert issubclass(preflight.InsufficientMemoryError, InvptError)
     assert preflight.InsufficientMemoryError.exit_code == 2
-
-
-def test_large_model_processed_with_external_weights_is_still_one_file(tiny_pascal_official_ckpt, pascal_onnx,
-                                                                      tmp_path, monkeypatch):
-    """Above WORK_EXTERNAL_BYTES the staged ONNX keeps its weights external for the checks and verification, and the
-    artifact is still the single self-contained file 'auto' promises below 1.8 GB (same graph, same weights)."""
-    import invpt.export.pipeline as pipeline
-
-    small = pascal_onnx  # the same checkpoint and options, processed the default way (weights inline)
-    monkeypatch.setattr(pipeline, "WORK_EXTERNAL_BYTES", 0)
-    big = run_export(tiny_pascal_official_ckpt, tmp_path / "b" / "m.onnx")
-    assert big.parity.passed and big.manifest.external_data == ()
-    assert sorted(p.name for p in big.onnx_path.parent.iterdir() if not p.name.startswith(".")) == ["m.json", "m.onnx"]
-    a, b = onnx.load(str(small.onnx_path)), onnx.load(str(big.onnx_path))
-    assert all(i.data_location == onnx.TensorProto.DEFAULT and not i.external_data for i in b.graph.initializer)
-    assert [(n.op_type, n.name) for n in a.graph.node] == [(n.op_type, n.name) for n in b.graph.node]
-    wa = {i.name: onnx.numpy_helper.to_array(i) for i in a.graph.initializer}
-    wb = {i.name: onnx.numpy_helper.to_array(i) for i in b.graph.initializer}
-    assert wa.keys() == wb.keys() and all(np.array_equal(wa[k], wb[k]) for k in wa)
-    assert big.manifest.export["op_census"] == small.manifest.export["op_census"]
 
 
 # ---- INT8: whole-graph calibration in steps -------------------------------------------------------------------------
