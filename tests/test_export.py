@@ -117,37 +117,45 @@ def test_manifest(pascal_dynamic, tiny_pascal_official_ckpt):
     assert json.loads(meta["invpt.config"])["name"] == "tiny_pascal"
 
 
-def test_task_subset_drops_other_heads(tiny_pascal_official_ckpt, tmp_path, pascal_dynamic):
-    """Also: external data on request, and the letterbox preprocessing recorded (one export for the three)."""
-    res = run_export(tiny_pascal_official_ckpt, tmp_path / "sub.onnx", tasks=["normals", "semseg"],
-                     external_data="always", simplify=False, preprocess_mode="letterbox")
-    assert Manifest.load(res.manifest_path).preprocessing.mode == "letterbox"
+def test_task_subset_drops_other_heads(tiny_pascal, tmp_path, pascal_dynamic):
+    """One export from a model held in memory (training's path: no checkpoint file) for four things: the task subset,
+    external data on request, the letterbox preprocessing recorded, and the phase timer in the manifest."""
+    from invpt.export.pipeline import ExportOptions, export_model
+
+    res = export_model(tiny_pascal, tmp_path / "sub.onnx", ExportOptions(
+        tasks=("normals", "semseg"), external_data="always", simplify=False, preprocess_mode="letterbox"))
+    m = Manifest.load(res.manifest_path)
+    assert m.preprocessing.mode == "letterbox"
     sess = ort_session(res.onnx_path)
-    assert [o.name for o in sess.get_outputs()] == ["semseg", "normals"]
+    assert [o.name for o in sess.get_outputs()] == ["semseg", "normals"] == [o.name for o in m.outputs]
     assert res.manifest.external_data == ("sub.onnx.data",) and (tmp_path / "sub.onnx.data").exists()
-    assert res.parity.passed
+    assert res.parity.passed and m.parent is None and sha256_file(res.onnx_path) == m.sha256
     full, sub = _ops(pascal_dynamic.onnx_path), _ops(res.onnx_path)
     # mt_proj, heads, redu_chan and aggregation resizes of the 3 other tasks are gone.
     assert full["Conv"] - sub["Conv"] == 3 * (1 + 1 + 2)
     assert full["Resize"] - sub["Resize"] == 3 * 4
+    # The manifest is written inside the last phase ("write"), so it records every phase before that one.
+    assert m.timings["seconds"] == {k: v for k, v in res.timings.items() if k != "write_s"}
+    assert {"torch_onnx_export_s", "graph_checks_s", "verification_onnxruntime_s", "write_s"} <= set(res.timings)
 
 
-def test_bad_inputs(tmp_path, tiny_pascal_official_ckpt):
-    assert export_main(["--ckpt", str(tmp_path / "missing.pth")]) == 2
-    assert export_main(["--ckpt", str(tiny_pascal_official_ckpt), "--config", "nyud_vitl", "--out", str(tmp_path / "a.onnx")]) == 2
-    assert export_main(["--ckpt", str(tiny_pascal_official_ckpt), "--opset", "13", "--out", str(tmp_path / "b.onnx")]) == 2
-    blocker = tmp_path / "file"
-    blocker.write_text("x")
-    with pytest.raises(InputError, match="writable"):
-        run_export(tiny_pascal_official_ckpt, blocker / "c.onnx", verify=False)
-    assert export_main(["--ckpt", str(tiny_pascal_official_ckpt), "--tasks", "depth", "--out", str(tmp_path / "d.onnx")]) == 2
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+def test_failed_verification_leaves_nothing(tmp_path, tiny_pascal_official_ckpt, pascal_onnx, monkeypatch):
+    """The export step is the session's graph of the same checkpoint, copied (the stage's failure path is under test,
+    not torch.onnx): verification against the impossible tolerance fails, and nothing is left behind."""
+    import shutil
 
+    import invpt.export.pipeline as pipeline
+    from invpt.onnx_summary import read_summary
 
-def test_failed_verification_leaves_nothing(tmp_path, tiny_pascal_official_ckpt):
+    def exported(model, path, **kw):
+        assert kw["tasks"] == tuple(pascal_onnx.manifest.tasks) and kw["batch"] == 1 and not kw["dynamic_batch"]
+        shutil.copyfile(pascal_onnx.onnx_path, path)
+        return onnx.load(str(path)), read_summary(path)
+
+    monkeypatch.setattr(pipeline, "export_graph", exported)
     impossible = Tolerance(max_rel_err=0.0, min_cosine=1.0, min_agreement=1.0)
-    with pytest.raises(VerificationError, match="was not written") as err:  # one task: a smaller graph, same path
-        run_export(tiny_pascal_official_ckpt, tmp_path / "m.onnx", tolerance=impossible, simplify=False, tasks=["sal"])
+    with pytest.raises(VerificationError, match="was not written") as err:
+        run_export(tiny_pascal_official_ckpt, tmp_path / "m.onnx", tolerance=impossible, simplify=False)
     msg = str(err.value)
     assert "--no-verify" in msg and "onnxruntime versions" in msg and "custom tolerance" not in msg
     assert list(tmp_path.iterdir()) == []
@@ -312,19 +320,6 @@ def test_unknown_preprocessing_mode_is_refused(tiny_pascal_official_ckpt, tmp_pa
     with pytest.raises(InputError, match="pad, resize, letterbox"):
         run_export(tiny_pascal_official_ckpt, tmp_path / "x.onnx", preprocess_mode="fit", verify=False)
     assert list(tmp_path.iterdir()) == []
-
-
-def test_export_model_from_memory_records_no_parent_and_its_phase_times(tiny_pascal, tmp_path):
-    """A model held in memory (training) exports without a checkpoint file; the phase timer lands in the manifest."""
-    from invpt.export.pipeline import ExportOptions, export_model
-
-    res = export_model(tiny_pascal, tmp_path / "mem.onnx", ExportOptions(tasks=("semseg",)))
-    m = Manifest.load(res.manifest_path)
-    assert res.parity.passed and m.parent is None and [o.name for o in m.outputs] == ["semseg"]
-    # The manifest is written inside the last phase ("write"), so it records every phase before that one.
-    assert m.timings["seconds"] == {k: v for k, v in res.timings.items() if k != "write_s"}
-    assert {"torch_onnx_export_s", "graph_checks_s", "verification_onnxruntime_s", "write_s"} <= set(res.timings)
-    assert sha256_file(res.onnx_path) == m.sha256
 
 
 def test_every_export_flag_reaches_the_options(tmp_path):
