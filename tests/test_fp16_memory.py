@@ -51,19 +51,42 @@ def _assert_same_model(ours: onnx.ModelProto, theirs: onnx.ModelProto) -> None:
 
 
 @pytest.fixture(scope="module")
-def ours(pascal_onnx, tmp_path_factory):
-    """invpt's FP16 conversion of the tiny model (data-range rule off: the graph depends only on the policy)."""
+def big_weight(pascal_onnx, tmp_path_factory):
+    """The tiny model with one MatMul weight beyond FP16's range (1e5 > 65504), so that the conversion compared with
+    AutoCast exercises its initializer-range rule too: (path, the weight's name, its consumers)."""
+    proto = onnx.load(str(pascal_onnx.onnx_path))
+    big = next(i for i in proto.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2)
+    arr = onnx.numpy_helper.to_array(big).copy()
+    arr.flat[0] = 1e5
+    big.CopyFrom(onnx.numpy_helper.from_array(arr, big.name))
+    src = tmp_path_factory.mktemp("big") / "big.onnx"
+    onnx.save(proto, str(src))
+    consumers = [n.name for n in proto.graph.node if big.name in n.input]
+    assert consumers
+    return src, big.name, consumers
+
+
+@pytest.fixture(scope="module")
+def ours(big_weight, tmp_path_factory):
+    """invpt's FP16 conversion of that model (data-range rule off: the graph depends only on the policy and the
+    weights)."""
     from invpt.calib.fp16 import convert_fp16_model
 
     out = tmp_path_factory.mktemp("fp16") / "m.fp16.onnx"
-    return convert_fp16_model(pascal_onnx.onnx_path, out, [], KEEP_OPS, data_max=np.inf)
+    return convert_fp16_model(big_weight[0], out, [], KEEP_OPS, data_max=np.inf)
 
 
-def test_graph_and_weights_identical_to_autocast(pascal_onnx, ours, tmp_path):
+def test_graph_and_weights_identical_to_autocast(big_weight, ours, tmp_path):
+    """Byte for byte what AutoCast writes; the weight beyond FP16's range keeps its consumers in FP32 and stays FP32
+    itself, as AutoCast's own init_max rule decides."""
+    src, big_name, consumers = big_weight
     converted = onnx.load(str(ours.path))
-    _assert_same_model(converted, _autocast(pascal_onnx.onnx_path, tmp_path))
+    _assert_same_model(converted, _autocast(src, tmp_path))
     fp16 = [i for i in converted.graph.initializer if i.data_type == onnx.TensorProto.FLOAT16]
     assert len(fp16) > 20 and sum(i.data_type == onnx.TensorProto.FLOAT for i in converted.graph.initializer)
+    kept = {i.name: i.data_type for i in converted.graph.initializer}
+    assert kept[big_name] == onnx.TensorProto.FLOAT  # its consumers stayed FP32, so did the weight
+    assert all(big_name in n.input for n in converted.graph.node if n.name in consumers)  # read as is, no Cast
 
 
 def test_what_was_written_is_recorded_without_reading_it_again(ours):
@@ -82,7 +105,7 @@ def test_what_was_written_is_recorded_without_reading_it_again(ours):
 
 
 @pytest.fixture(scope="module")
-def external_run(pascal_onnx, tmp_path_factory):
+def external_run(big_weight, tmp_path_factory):
     """One conversion watched two ways: every onnx.load recorded, loading weights into a whole model refused, and
     the single-file size limit lowered so that the FP16 weights go to an external-data file."""
     import onnx.external_data_helper as edh
@@ -105,36 +128,16 @@ def external_run(pascal_onnx, tmp_path_factory):
         mp.setattr(edh, "load_external_data_for_model", refuse)
         mp.setattr(onnx, "load", counting_load)
         mp.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 1024)
-        out = convert_fp16_model(pascal_onnx.onnx_path, folder / "m.fp16.onnx", [], KEEP_OPS, data_max=np.inf)
+        out = convert_fp16_model(big_weight[0], folder / "m.fp16.onnx", [], KEEP_OPS, data_max=np.inf)
     return out, loads
 
 
-def test_autocast_never_holds_the_weights(pascal_onnx, external_run):
+def test_autocast_never_holds_the_weights(big_weight, external_run):
     """No step loads the weights into a model: neither AutoCast's loader nor onnx.load of the private copy."""
     out, loads = external_run
     assert out.path.is_file()
     # Read once: the input, to make the private copy whose graph every later step is handed.
-    assert loads == [(str(pascal_onnx.onnx_path), True)]
-
-
-def test_initializer_range_rule_keeps_the_nodes_autocast_keeps(pascal_onnx, tmp_path):
-    """A weight beyond FP16's range keeps its consumer in FP32, as AutoCast's own init_max rule would."""
-    from invpt.calib.fp16 import convert_fp16_model
-
-    proto = onnx.load(str(pascal_onnx.onnx_path))
-    big = next(i for i in proto.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2)
-    arr = onnx.numpy_helper.to_array(big).copy()
-    arr.flat[0] = 1e5  # > 65504
-    big.CopyFrom(onnx.numpy_helper.from_array(arr, big.name))
-    src = tmp_path / "big.onnx"
-    onnx.save(proto, str(src))
-    consumers = [n.name for n in proto.graph.node if big.name in n.input]
-    assert consumers
-    out = convert_fp16_model(src, tmp_path / "big.fp16.onnx", [], KEEP_OPS, data_max=np.inf)
-    converted = onnx.load(str(out.path))
-    _assert_same_model(converted, _autocast(src, tmp_path))
-    kept = {i.name: i.data_type for i in converted.graph.initializer}
-    assert kept[big.name] == onnx.TensorProto.FLOAT  # its consumers stayed FP32, so did the weight
+    assert loads == [(str(big_weight[0]), True)]
 
 
 def test_range_rule_with_held_graph_matches_reading_the_file(pascal_onnx, tmp_path):
