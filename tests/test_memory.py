@@ -240,6 +240,18 @@ def test_int8_ranges_estimate_fits_vitl_in_8_gb_and_refuses_less():
     assert preflight.check_memory(est, available=8 * 2**30) == 8 * 2**30
 
 
+def test_fp16_estimate_covers_the_measured_vitl_runs_and_fits_8_gb():
+    """ViT-L PASCAL FP16 (bench/results/quantize_pascal_vitl_fp16.json and bench/README.md): peaks of 6.36 GiB
+    (2026-11-25) and 6.70 GiB (2026-12-07), both in the range pass. The estimate must not under-read either (a
+    machine it lets through would be killed mid-run), and stays within the 8 GB goal."""
+    size = 1_666_337_100  # the FP32 ONNX of the 2026-12-07 run
+    est = preflight.estimate_quantize(size, "fp16")
+    assert max(est.parts, key=lambda k: est.parts[k]) == "convert"
+    assert 6.70 * 2**30 <= est.peak_bytes < 8 * 10**9
+    with pytest.raises(preflight.InsufficientMemoryError, match=r"needs an estimated 6\.\d GiB.*6\.0 GiB is available"):
+        preflight.check_memory(est, "m.onnx", available=6 * 2**30)
+
+
 def test_tensor_bytes_of_the_tiny_graph(tiny_onnx):
     act, ranged = preflight.tensor_bytes(tiny_onnx, 1)
     assert act == preflight.activation_bytes(tiny_onnx, 1) and 0 < ranged < act
