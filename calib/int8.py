@@ -9,6 +9,7 @@ Conv/MatMul/Gemm with per-channel weight scales and leave the excluded nodes in 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -126,7 +127,7 @@ def calibrates_per_node(onnx_path: str | os.PathLike, per_node: bool | None = No
 def quantize_int8(onnx_path: str | os.PathLike, out_path: str | os.PathLike, calib: np.ndarray, method: str,
                   exclude_nodes: Sequence[str], input_name: str = "image", per_node: bool | None = None, *,
                   input_is_private: bool = False, samples_per_step: int | None = None,
-                  report: dict | None = None) -> Path:
+                  report: dict | None = None, range_cache: "RangeCache | None" = None) -> Path:
     """Write a Q/DQ INT8 model of ``onnx_path`` calibrated on ``calib`` [N, 3, H, W].
 
     ``per_node`` None (default): invpt measures the ranges with bounded memory and ModelOpt inserts the Q/DQ nodes
@@ -139,13 +140,17 @@ def quantize_int8(onnx_path: str | os.PathLike, out_path: str | os.PathLike, cal
 
     The quantizer never sees ``onnx_path`` itself (ModelOpt rewrites its input in place, onnxruntime writes beside
     it): it gets a :func:`~invpt.artifacts.private_copy` in ``out_path``'s folder, removed afterwards. A caller that
-    quantizes one model many times (the sensitivity sweep) makes that copy once and passes ``input_is_private=True``.
-    A library failure raises :class:`~invpt.errors.ToolError`.
+    quantizes one model many times (the sensitivity sweep) makes that copy once and passes ``input_is_private=True``,
+    and a :class:`RangeCache` (``range_cache``) so that the ranges are measured once for all those models (used by
+    invpt's ranges engine; the other engines calibrate every time). A library failure raises
+    :class:`~invpt.errors.ToolError`.
     """
     if method not in CALIB_METHODS:
         raise InputError(f"Unknown calibration method '{method}'; use one of {', '.join(CALIB_METHODS)}.")
     if calib is None or len(calib) == 0:
         raise InputError("INT8 needs calibration samples; invpt never calibrates on random data (pass --calib-data).")
+    if range_cache is not None and not input_is_private:
+        raise ValueError("range_cache serves the caller's one private copy of the model: pass input_is_private=True")
     out_path = Path(out_path)
     engine = calibration_engine(onnx_path, method, per_node)
     per_node = engine == ENGINE_MODELOPT_PER_NODE
@@ -161,7 +166,7 @@ def quantize_int8(onnx_path: str | os.PathLike, out_path: str | os.PathLike, cal
         if engine == ENGINE_ORT:
             _quantize_ort(src, out_path, calib, exclude_nodes, input_name, batch)
         elif engine == ENGINE_RANGES:
-            info.update(_quantize_ranges(src, out_path, calib, method, exclude_nodes, input_name, batch))
+            info.update(_quantize_ranges(src, out_path, calib, method, exclude_nodes, input_name, batch, range_cache))
         else:
             _quantize_modelopt(src, out_path, calib, method, exclude_nodes, input_name, batch, dynamic, per_node)
     if report is not None:
@@ -171,9 +176,10 @@ def quantize_int8(onnx_path: str | os.PathLike, out_path: str | os.PathLike, cal
 
 
 def _quantize_ranges(src: Path, out: Path, calib: np.ndarray, method: str, exclude: Sequence[str], input_name: str,
-                     batch: int) -> dict:
+                     batch: int, cache: "RangeCache | None" = None) -> dict:
     """invpt's ranges, then ModelOpt's Q/DQ insertion (:mod:`invpt.calib.ranges`), in a work folder beside ``out``
-    (the prepared model and its weights; removed afterwards). Returns what :func:`quantize_int8` reports."""
+    (the prepared model and its weights; removed afterwards), or in ``cache``'s folder, where the prepared model and
+    the measured ranges serve the next call too. Returns what :func:`quantize_int8` reports."""
     import time
 
     from invpt.calib import ranges
@@ -183,36 +189,53 @@ def _quantize_ranges(src: Path, out: Path, calib: np.ndarray, method: str, exclu
                  "memory), Q/DQ inserted by ModelOpt", method, len(calib), steps, batch)
     seconds: dict = {}
     patterns = exact_name_regexes(exclude)
-    with tempfile.TemporaryDirectory(prefix=".invpt-int8.", dir=out.parent) as tmp, \
-            modelopt_logging(cpu_only=True) as level:
+    shape = {input_name: [batch, *calib.shape[1:]]}
+    feeds = [{input_name: calib[i:i + batch]} for i in range(0, len(calib), batch)]
+    with contextlib.ExitStack() as stack:
+        level = stack.enter_context(modelopt_logging(cpu_only=True))
+        if cache is not None:
+            cache.claim(src, calib, method, batch)  # a ValueError (the caller's bug) for another model or samples
         t = time.perf_counter()
         try:
-            prepared = ranges.prepare_model(src, Path(tmp) / "input.onnx")
-        except (DependencyError, ToolError):
+            if cache is None:
+                tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix=".invpt-int8.", dir=out.parent))
+                prepared = ranges.prepare_model(src, Path(tmp) / "input.onnx")
+            else:
+                prepared = cache.prepared(src)
+        except (DependencyError, ToolError, InputError):
             raise
         except Exception as err:
             raise ToolError.from_exception("ModelOpt", "preprocessing a copy of the model for INT8", err,
                                            "nvidia-modelopt") from err
         seconds["prepare"] = time.perf_counter() - t
         _logger.info("INT8: model prepared for ModelOpt (weights in one external file) in %.1f s", seconds["prepare"])
-        shape = {input_name: [batch, *calib.shape[1:]]}
         t = time.perf_counter()
         plan = ranges.plan_quantization(prepared, QUANTIZABLE_OPS, patterns, shape)
         seconds["plan"] = time.perf_counter() - t
         _logger.info("INT8: %d nodes to quantize, %d activation tensors to measure (%.2f GiB a step)",
                      len(plan.nodes), len(plan.tensors), plan.step_bytes() / 2**30)
-        feeds = [{input_name: calib[i:i + batch]} for i in range(0, len(calib), batch)]
-        try:
-            measured, rep = ranges.compute_ranges(prepared, plan, feeds, method,
-                                                  progress=logging.getLogger("invpt").isEnabledFor(logging.WARNING))
-        except (DependencyError, ToolError):
-            raise
-        except Exception as err:
-            raise ToolError.from_exception("onnxruntime", f"measuring INT8 {method} ranges of a copy of the model",
-                                           err) from err
-        seconds["ranges"] = rep.seconds
-        _logger.info("INT8 %s ranges of %d tensors: %d step(s), %d session(s), %.1f s", method, rep.tensors, rep.steps,
-                     rep.sessions, rep.seconds)
+
+        def measure(p):
+            try:
+                return ranges.compute_ranges(prepared, p, feeds, method,
+                                             progress=logging.getLogger("invpt").isEnabledFor(logging.WARNING))
+            except (DependencyError, ToolError):
+                raise
+            except Exception as err:
+                raise ToolError.from_exception("onnxruntime", f"measuring INT8 {method} ranges of a copy of the model",
+                                               err) from err
+
+        if cache is None:
+            measured, rep = measure(plan)
+            range_info = rep.to_dict()
+            _logger.info("INT8 %s ranges of %d tensors: %d step(s), %d session(s), %.1f s", method, rep.tensors,
+                         rep.steps, rep.sessions, rep.seconds)
+        else:
+            measured, range_info = cache.ranges_for(plan, measure, lambda: ranges.plan_quantization(
+                prepared, QUANTIZABLE_OPS, exact_name_regexes(cache.warm_exclude), shape))
+            range_info = {"method": method, "steps": len(feeds), "bytes_per_step": plan.step_bytes(), **range_info,
+                          "seconds": round(range_info["seconds"], 2)}
+        seconds["ranges"] = range_info["seconds"]
         t = time.perf_counter()
         ranges.quantize_with_ranges(prepared, out, plan, measured, method, patterns, QUANTIZABLE_OPS, shape, level)
         seconds["insert_qdq"] = time.perf_counter() - t
@@ -221,7 +244,126 @@ def _quantize_ranges(src: Path, out: Path, calib: np.ndarray, method: str, exclu
     if not out.exists():
         raise ToolError(f"ModelOpt {library_version('nvidia-modelopt')} reported success but wrote no '{out}'; "
                         "re-run with -v and report it.", "ModelOpt", library_version("nvidia-modelopt"))
-    return {"plan": plan.to_dict(), "ranges": rep.to_dict(), "seconds": {k: round(v, 2) for k, v in seconds.items()}}
+    return {"plan": plan.to_dict(), "ranges": range_info, "seconds": {k: round(v, 2) for k, v in seconds.items()}}
+
+
+class RangeCache:
+    """INT8 ranges measured once for many quantizations of one model with the same samples and method: the
+    sensitivity sweep quantizes each block alone, then the kept set, and every one of those models needs ranges of
+    tensors of the same FP32 graph over the same samples.
+
+    An activation's range depends only on the FP32 model and the samples, except for tensors ModelOpt gives one
+    shared scale (the inputs and output of a Concat whose nodes are all quantized): their range is that of the whole
+    group, and the groups depend on which nodes are quantized. So a range is kept under (tensor, its group) and serves
+    a later plan only where that plan groups the tensor the same way; the others are measured for that plan. The
+    first request measures the plan of ``warm_exclude`` (the policy's exclusions alone: every tensor any block
+    needs) in one pass, so each block costs its Q/DQ insertion only, not a forward pass per sample. Every model it
+    serves is the one :func:`quantize_int8` writes without it (tests/test_int8_ranges.py).
+
+    The prepared copy of the model (ModelOpt's input) lives in ``work_dir`` for the cache's life; it is checked by size
+    and modification time before every reuse and prepared again if it changed. One cache serves one model, one set of
+    samples and one method: anything else is a :class:`ValueError` (a caller's bug). ``close()`` removes ``work_dir``.
+    """
+
+    def __init__(self, work_dir: str | os.PathLike, warm_exclude: Sequence[str] = ()) -> None:
+        self.work_dir = Path(work_dir)
+        self.warm_exclude = list(warm_exclude)
+        self._key: tuple | None = None
+        self._prepared: Path | None = None
+        self._stamp: tuple = ()
+        self._ranges: dict[tuple[str, frozenset | None], object] = {}
+        self._calibration_method = None
+        self.sessions = 0  # forward passes over the samples (ONNX Runtime sessions) the cache has paid for
+        self.measured = 0  # tensors measured
+        self.served = 0    # tensors served from earlier measurements
+
+    def __enter__(self) -> "RangeCache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.work_dir, ignore_errors=True)
+        self._prepared, self._ranges = None, {}
+
+    def _files_stamp(self) -> tuple:
+        folder = self._prepared.parent
+        return tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file()))
+
+    def claim(self, src: Path, calib: np.ndarray, method: str, batch: int) -> None:
+        """Bind the cache to its first model, samples, method and step batch; anything else is a ValueError."""
+        import hashlib
+
+        key = (str(Path(src).resolve()), method, int(batch), tuple(calib.shape), str(calib.dtype),
+               hashlib.sha256(np.ascontiguousarray(calib).tobytes()).hexdigest())
+        if self._key is None:
+            self._key = key
+        elif key != self._key:
+            raise ValueError("a RangeCache serves one model, one set of calibration samples and one method; "
+                             f"it holds {self._key[:3]}, asked for {key[:3]}")
+
+    def prepared(self, src: Path) -> Path:
+        """ModelOpt's input for ``src`` (the model :meth:`claim` bound), prepared once and checked before reuse."""
+        from invpt.calib import ranges
+
+        if self._prepared is not None and self._prepared.is_file() and self._files_stamp() == self._stamp:
+            return self._prepared
+        if self._prepared is not None:
+            _logger.warning("INT8: the prepared copy of the model changed since it was made; preparing it again and "
+                            "measuring its ranges anew")
+            self._ranges.clear()
+        folder = self.work_dir / "prepared"
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        self._prepared = ranges.prepare_model(src, folder / "input.onnx")
+        self._stamp = self._files_stamp()
+        return self._prepared
+
+    def ranges_for(self, plan, measure, warm_plan) -> tuple[object, dict]:
+        """Ranges (onnxruntime ``TensorsData``) for every tensor of ``plan``: from earlier measurements where the
+        tensor's group is the same, else measured now with ``measure(sub_plan)``; ``warm_plan()`` gives the plan
+        measured on the first request. Returns them and what was measured, reused and how long it took."""
+        import dataclasses
+        import time
+
+        from onnxruntime.quantization.calibrate import TensorsData
+
+        t0 = time.perf_counter()
+        sessions_before, measured_before = self.sessions, self.measured
+
+        def key(p, t: str) -> tuple[str, frozenset | None]:
+            return t, p.groups.get(t)
+
+        def fill(p) -> None:
+            missing = [t for t in p.tensors if key(p, t) not in self._ranges]
+            if not missing:
+                return
+            sub = dataclasses.replace(p, tensors=missing, groups={t: g for t, g in p.groups.items() if t in missing})
+            data, rep = measure(sub)
+            self._calibration_method = data.calibration_method
+            for t in missing:
+                self._ranges[key(p, t)] = data.data[t]
+            self.sessions += rep.sessions
+            self.measured += len(missing)
+            _logger.info("INT8 ranges of %d tensor(s) measured: %d step(s), %d session(s), %.1f s", len(missing),
+                         rep.steps, rep.sessions, rep.seconds)
+
+        if not self._ranges:
+            fill(warm_plan())
+        fill(plan)
+        served = len(plan.tensors) - (self.measured - measured_before)
+        self.served += served
+        if served:
+            _logger.info("INT8 ranges of %d tensor(s) reused from this run's earlier measurement", served)
+        data = TensorsData(self._calibration_method, {t: self._ranges[key(plan, t)] for t in plan.tensors})
+        info = {"tensors": len(plan.tensors), "measured": self.measured - measured_before, "reused": served,
+                "sessions": self.sessions - sessions_before, "seconds": time.perf_counter() - t0}
+        return data, info
 
 
 @contextmanager

@@ -21,7 +21,7 @@ import numpy as np
 
 from invpt.artifacts import private_copy
 from invpt.calib.evaluate import run_onnx_batches, task_agreement
-from invpt.calib.int8 import quantize_int8
+from invpt.calib.int8 import RangeCache, quantize_int8
 from invpt.calib.policy import NodeSelection, block_terms, graph_nodes, quantizable_nodes, resolve_terms
 from invpt.config import InvPTConfig
 from invpt.errors import ToolError
@@ -103,7 +103,9 @@ def run_sensitivity(onnx_path: Path, workdir: Path, data, ref: Mapping[str, np.n
     ``per_node`` is passed to ``quantize_int8`` (ModelOpt node-by-node or whole-graph calibration; None = invpt's bounded-memory ranges).
     Every quantization reads one :func:`~invpt.artifacts.private_copy` of ``onnx_path`` made in ``workdir`` (the
     stage's staging folder) for the whole sweep, never the user's file; a caller that already made one for the
-    stage passes it with ``input_is_private=True``.
+    stage passes it with ``input_is_private=True``. With invpt's ranges engine (``per_node`` None) the activation
+    ranges are measured once for the whole sweep (:class:`~invpt.calib.int8.RangeCache`): each block then costs its
+    Q/DQ insertion and its parity run, not a forward pass per calibration sample; the models are the same.
     """
     from tqdm import tqdm
 
@@ -117,6 +119,7 @@ def run_sensitivity(onnx_path: Path, workdir: Path, data, ref: Mapping[str, np.n
     copy_dir = workdir / ".sensitivity-input"
     # once for the sweep (quantize_int8 would copy per call); removed at the end unless it is the caller's
     private = onnx_path if input_is_private else private_copy(onnx_path, copy_dir)
+    cache = RangeCache(workdir / ".sensitivity-ranges", warm_exclude=sorted(base_excluded))
     try:
         for block in tqdm(list(blocks), desc="sensitivity", unit="block", disable=None):
             mine = set(blocks[block]) & set(all_q)
@@ -126,7 +129,7 @@ def run_sensitivity(onnx_path: Path, workdir: Path, data, ref: Mapping[str, np.n
             tmp = workdir / f"sens_{block}.onnx"
             try:
                 quantize_int8(private, tmp, data.calib, method, sorted(exclude), per_node=per_node,
-                              input_is_private=True)
+                              input_is_private=True, range_cache=cache)
             except ToolError as err:  # e.g. a calibrator that cannot handle a single small block
                 _logger.warning("sensitivity: %s could not be quantized alone (%s); left out of the report", block,
                                 err)
@@ -142,11 +145,16 @@ def run_sensitivity(onnx_path: Path, workdir: Path, data, ref: Mapping[str, np.n
         keep = greedy_keep(per_block, budgets)
         exclude = base_excluded | {n for b in keep for n in blocks[b]}
         tmp = workdir / "sens_search.onnx"
-        quantize_int8(private, tmp, data.calib, method, sorted(exclude), per_node=per_node, input_is_private=True)
+        quantize_int8(private, tmp, data.calib, method, sorted(exclude), per_node=per_node, input_is_private=True,
+                      range_cache=cache)
         report["search"] = {"budgets": budgets, "keep_blocks": keep,
                             "measured": _measure(tmp, data.holdout, ref, specs)}
         tmp.unlink(missing_ok=True)
+        if cache.sessions or cache.served:  # invpt's ranges engine: what the sweep measured and reused
+            report["ranges"] = {"sessions": cache.sessions, "tensors_measured": cache.measured,
+                                "tensors_reused": cache.served}
     finally:
+        cache.close()
         shutil.rmtree(copy_dir, ignore_errors=True)
     stem = onnx_path.stem + ".int8"
     (workdir / f"{stem}.sensitivity.json").write_text(json.dumps(report, indent=2))

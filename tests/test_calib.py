@@ -253,6 +253,8 @@ def test_sensitivity_and_budget_search(sensitivity_run, fp32):
     assert (folder / "m.int8.sensitivity.png").stat().st_size > 1000
     assert "| decoder.stage2 |" in (folder / "m.int8.sensitivity.md").read_text()
     assert set(rep["per_block"]) == set(SWEPT) and rep["failed_blocks"] == {}  # blocks kept by --keep are not swept
+    # The ranges were measured once for the sweep (one pass over the samples), not once per quantized model.
+    assert rep["ranges"]["sessions"] == 1 and rep["ranges"]["tensors_reused"] >= rep["ranges"]["tensors_measured"] > 0
     for block in SWEPT:
         assert set(rep["per_block"][block]) == set(cfg.tasks)
     # A head only moves its own task.
