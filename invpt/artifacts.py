@@ -146,10 +146,40 @@ def check_output(
                         f"{what}; writing it would destroy an input, and invpt never writes into its inputs. "
                         "Choose another --out path (e.g. a new name in the same folder)."
                     )
+    # An existing file there is replaced only when it is invpt's own earlier artifact at this very path: an invpt
+    # manifest beside it names it. Anything else (a checkpoint, a user's file, another artifact's manifest) is kept.
+    named = _manifest_artifact_name(man) if man.is_file() else None
+    if man.is_file() and named != out.name:
+        whose = (f"the manifest of '{out.parent / named}'" if named else "not an invpt manifest")
+        raise error_cls(
+            f"The output's manifest path '{man}' already exists and is {whose}; writing '{out}' would replace it "
+            f"(invpt never replaces a file it did not make for this output). {fix}, or move '{man}' away."
+        )
+    if out.is_file() and named != out.name:
+        raise error_cls(
+            f"Output '{out}' already exists and is not an invpt artifact made at this path (no invpt manifest "
+            f"'{man}' names it); invpt replaces only its own earlier outputs. {fix}, or move '{out}' away."
+        )
     # The folder: the nearest existing ancestor must be a writable directory.
     check_output_dir(out.parent if str(out.parent) else Path("."), f"The folder of '{out}'",
                      "Choose a writable --out location.", error_cls)
     return out
+
+
+def _manifest_artifact_name(man: Path) -> Optional[str]:
+    """The artifact file name an invpt manifest at ``man`` records, or None if ``man`` is not one (unreadable, not
+    JSON, another schema)."""
+    import json
+
+    from invpt.manifest import SCHEMA
+
+    try:
+        data = json.loads(man.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA or not isinstance(data.get("artifact"), str):
+        return None
+    return Path(data["artifact"]).name
 
 
 # ---- staging ------------------------------------------------------------------------------------------------

@@ -357,6 +357,9 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "manifest") -> "Manifest":
+        if not isinstance(d, dict):  # valid JSON, but a list, a string, a number or null
+            raise ManifestError(f"{source} is not an invpt manifest (a JSON {type(d).__name__}, not an object with "
+                                f"schema {SCHEMA!r}); regenerate it with the stage that wrote it.")
         if d.get("schema") != SCHEMA:
             raise ManifestError(f"{source} is not an invpt manifest (schema {d.get('schema')!r}, expected {SCHEMA!r}).")
         if d.get("schema_version") != SCHEMA_VERSION:

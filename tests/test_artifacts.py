@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import re
 import os
 import subprocess
 import sys
@@ -72,9 +73,41 @@ def test_manifest_names_do_not_collide_across_kinds():
 def test_check_output_accepts_new_and_replaceable_paths(tmp_path):
     inp = _artifact(tmp_path, "m.onnx")
     assert check_output(tmp_path / "new" / "m.fp16.onnx", [inp]) == tmp_path / "new" / "m.fp16.onnx"
-    old = tmp_path / "old.onnx"
-    old.write_bytes(b"previous output")  # an earlier output (not an input) may be replaced
+    old = _artifact(tmp_path, "old.onnx", b"previous output")  # invpt's earlier output there (not an input)
     assert check_output(old, [inp, None]) == old
+    gone = _artifact(tmp_path, "gone.onnx")
+    gone.unlink()  # its manifest stayed: the manifest of this very output, replaceable
+    assert check_output(gone, [inp]) == gone
+
+
+@pytest.mark.parametrize("case", ["user_file", "checkpoint", "other_artifact_manifest", "user_json"])
+def test_check_output_refuses_files_invpt_did_not_make_there(tmp_path, case):
+    """A file at the output (or at its manifest path) is replaced only when an invpt manifest there names this very
+    output: a plan written over a checkpoint or a user's file, or a manifest written over another artifact's manifest
+    (m.fp16 -> m.fp16.json is m.fp16.onnx's manifest), lost the user's data."""
+    inp = _artifact(tmp_path / "in", "m.onnx")
+    folder = tmp_path / "out"
+    folder.mkdir()
+    if case == "user_file":
+        out = folder / "mine.plan"
+        out.write_bytes(b"the user's own engine")
+        fragment = "is not an invpt artifact made at this path"
+    elif case == "checkpoint":
+        out = folder / "t.pth"
+        out.write_bytes(b"weights")
+        fragment = "is not an invpt artifact made at this path"
+    elif case == "other_artifact_manifest":
+        _artifact(folder, "m.fp16.onnx")
+        out = folder / "m.fp16"  # its manifest path is m.fp16.json: the ONNX's manifest
+        fragment = f"is the manifest of '{folder / 'm.fp16.onnx'}'"
+    else:
+        out = folder / "x.plan"
+        (folder / "x.plan.json").write_text('{"my": "settings"}')
+        fragment = "is not an invpt manifest"
+    before = _snapshot(folder)
+    with pytest.raises(InputError, match=re.escape(fragment)):
+        check_output(out, [inp])
+    assert _snapshot(folder) == before
 
 
 @pytest.mark.parametrize("case", ["same", "relative", "hardlink", "symlink", "input_manifest_hardlink",

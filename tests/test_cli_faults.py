@@ -51,6 +51,30 @@ def test_trt_build_ckpt_refuses_an_unverifiable_onnx_at_the_export_target(tiny_p
     assert _files(out.parent) == ["tiny_pascal_official.onnx"] and target.read_bytes() == b"not an onnx"
 
 
+@pytest.mark.parametrize("target", ["checkpoint", "other_manifest"])
+def test_trt_build_never_writes_over_a_file_it_did_not_make(pascal_onnx, copy_artifact, tiny_pascal_official_ckpt,
+                                                            capsys, target):
+    """T05/T42: --out t.pth replaced the checkpoint with a plan (exit 0); --out m.fp16 wrote the plan's manifest
+    over m.fp16.json, the manifest of m.fp16.onnx, which then no longer loaded."""
+    from invpt.engines.cli import main
+
+    onnx = copy_artifact(pascal_onnx.onnx_path)
+    folder = onnx.parent
+    if target == "checkpoint":
+        out = folder / "t.pth"
+        shutil.copyfile(tiny_pascal_official_ckpt, out)
+        fragment = f"Output '{out}' already exists and is not an invpt artifact"
+    else:
+        copy_artifact(pascal_onnx.onnx_path)  # m.onnx + m.json again; m.fp16.json stands for another artifact's
+        shutil.copyfile(folder / "m.json", folder / "m.fp16.json")
+        out = folder / "m.fp16"
+        fragment = f"'{folder / 'm.fp16.json'}' already exists and is the manifest of"
+    before = tree_digest(folder)
+    assert main(["--onnx", str(onnx), "--fp32", "--out", str(out), "--no-progress"]) == 2
+    assert fragment in capsys.readouterr().err
+    assert tree_digest(folder) == before
+
+
 # ---- invpt-parity / invpt-bench ------------------------------------------------------------------------------------
 def test_parity_refuses_samples_that_cannot_fit_in_memory(tiny_pascal_official_ckpt, pascal_onnx, tmp_path, capsys):
     """P19: --samples 10**9 without --data was a raw MemoryError traceback (exit 1)."""
