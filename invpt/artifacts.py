@@ -148,7 +148,9 @@ def check_output(
                     )
     # An existing file there is replaced only when it is invpt's own earlier artifact at this very path: an invpt
     # manifest beside it names it. Anything else (a checkpoint, a user's file, another artifact's manifest) is kept.
-    named = _manifest_artifact_name(man) if man.is_file() else None
+    named, recorded_sha = _manifest_record(man) if man.is_file() else (None, None)
+    if named is not None and named != out.name and out.is_file() and recorded_sha == sha256_file(out):
+        named = out.name  # a renamed artifact: its manifest (renamed with it) describes exactly this file
     if man.is_file() and named != out.name:
         whose = (f"the manifest of '{out.parent / named}'" if named else "not an invpt manifest")
         raise error_cls(
@@ -166,9 +168,9 @@ def check_output(
     return out
 
 
-def _manifest_artifact_name(man: Path) -> Optional[str]:
-    """The artifact file name an invpt manifest at ``man`` records, or None if ``man`` is not one (unreadable, not
-    JSON, another schema)."""
+def _manifest_record(man: Path) -> tuple[Optional[str], Optional[str]]:
+    """(artifact file name, sha256) an invpt manifest at ``man`` records, or (None, None) if ``man`` is not one
+    (unreadable, not JSON, another schema)."""
     import json
 
     from invpt.manifest import SCHEMA
@@ -176,10 +178,11 @@ def _manifest_artifact_name(man: Path) -> Optional[str]:
     try:
         data = json.loads(man.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return None
+        return None, None
     if not isinstance(data, dict) or data.get("schema") != SCHEMA or not isinstance(data.get("artifact"), str):
-        return None
-    return Path(data["artifact"]).name
+        return None, None
+    sha = data.get("sha256")
+    return Path(data["artifact"]).name, sha if isinstance(sha, str) else None
 
 
 # ---- staging ------------------------------------------------------------------------------------------------

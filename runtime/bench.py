@@ -177,7 +177,7 @@ def run_bench(
     for a in arts:  # before any work: --batch outside an engine's profile or an ONNX's static batch
         for b in batches:
             a.check_batch(b)
-    out = prepare_report_dir(out, REPORT_FILES, [ckpt, *[a.path for a in arts]])
+    out = prepare_report_dir(out, REPORT_FILES, [ckpt, *[a.path for a in arts]], owner=("bench.json", SCHEMA))
     if any(a.kind == "onnx" for a in arts):
         from invpt.runners import resolve_providers
 

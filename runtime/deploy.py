@@ -24,6 +24,7 @@ from typing import Any, Optional, Sequence
 from invpt.errors import DependencyError, InputError
 
 _logger = logging.getLogger(__name__)
+SUMMARY_TITLE = "# invpt-deploy summary"  # the first line of summary.md; how a rerun knows the file is its own
 
 PRECISIONS = ("fp32", "fp16", "int8")
 
@@ -212,7 +213,8 @@ def run_deploy(
     ckpt_path = ckpt if ckpt is not None else out / f"{DEFAULT_CONFIG}.pth"
     inputs = [ckpt_path, Path(calib_data) if calib_data and Path(calib_data).is_file() else None,
               Path(data) if data and Path(data).is_file() else None]
-    prepare_report_dir(out, ("summary.md", "index.html"), inputs)
+    prepare_report_dir(out, ("summary.md", "index.html"), inputs, data=[data, calib_data],
+                       markers={"summary.md": SUMMARY_TITLE, "index.html": f"<title>{SUMMARY_TITLE[2:]}</title>"})
     fp32_onnx = out / default_out(str(ckpt_path)).name
     onnx_of = {p: fp32_onnx if p == "fp32" else fp32_onnx.with_name(f"{fp32_onnx.stem}.{p}.onnx") for p in precs}
     from invpt.artifacts import check_output
@@ -351,7 +353,7 @@ def _write_summary(res: DeployResult, engine_note: str, human_size: Any) -> None
     from invpt.runtime.reports import html_page, markdown_to_html, write_text
 
     out = res.out_dir
-    lines = ["# invpt-deploy summary", "",
+    lines = [SUMMARY_TITLE, "",
              f"Folder: `{out}`. Parity: **{'PASS' if res.passed else 'FAIL'}** (against PyTorch FP32 on "
              f"{res.parity.data['inputs']['description']}).", "",
              "| stage | artifact | size | reused | seconds |", "|---|---|---|---|---|"]
@@ -388,4 +390,4 @@ def _write_summary(res: DeployResult, engine_note: str, human_size: Any) -> None
             lines += [f"### {Path(v).stem}", "", f"![{Path(v).stem}](parity/{v})", ""]
     md = "\n".join(lines) + "\n"
     res.summary_path = write_text(out / "summary.md", md)
-    res.html_path = write_text(out / "index.html", html_page("invpt-deploy summary", markdown_to_html(md)))
+    res.html_path = write_text(out / "index.html", html_page(SUMMARY_TITLE[2:], markdown_to_html(md)))

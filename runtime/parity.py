@@ -141,7 +141,8 @@ def run_parity(
         raise InputError(f"--data '{data}' does not exist. Pass an image, a folder of images, a video or a "
                          "PASCAL-Context/NYUD-v2 root, or leave --data out for seeded random inputs.")
     arts = artifacts if artifacts is not None else load_artifacts(models)
-    out = prepare_report_dir(out, REPORT_FILES, [ckpt, data, *[a.path for a in arts]])
+    out = prepare_report_dir(out, (*REPORT_FILES, "visuals"), [ckpt, data, *[a.path for a in arts]], data=[data],
+                             owner=("parity.json", SCHEMA))
     if any(a.kind == "onnx" for a in arts):
         from invpt.runners import resolve_providers
 

@@ -6,7 +6,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -15,16 +15,33 @@ from invpt.errors import InputError
 _logger = logging.getLogger(__name__)
 
 
-def prepare_report_dir(out: str | os.PathLike, names: Sequence[str], inputs: Iterable[Optional[str | os.PathLike]]) -> Path:
-    """Check the report folder ``out`` before any work: not an existing file, creatable and writable, and none of the
-    report files ``names`` it will (re)write is one of ``inputs`` or an input's manifest. Returns ``Path(out)``."""
+def prepare_report_dir(out: str | os.PathLike, names: Sequence[str], inputs: Iterable[Optional[str | os.PathLike]],
+                       *, data: Iterable[Optional[str | os.PathLike]] = (), owner: Optional[tuple[str, str]] = None,
+                       markers: Optional[Mapping[str, str]] = None) -> Path:
+    """Check the report folder ``out`` before any work; returns ``Path(out)``. Refused, each with one paragraph:
+
+    * an existing file at ``out``; a folder that cannot be created or written;
+    * a report file ``names`` will (re)write that is one of ``inputs`` or an input's manifest;
+    * ``out`` being, holding or inside a folder in ``data`` (the images read): the report would land among the inputs,
+      and the next run would read its PNGs as images;
+    * a file (or folder) among ``names`` that exists and that invpt did not write: with ``owner`` = (report JSON name,
+      schema), the folder's report JSON must exist and carry that schema (an earlier report of this kind: its files
+      are replaced); with ``markers``, each such file must begin with its marker text.
+    """
     from invpt.manifest import manifest_path_for
-    from invpt.paths import check_output_dir, describe_path_problem, same_file
+    from invpt.paths import check_output_dir, describe_path_problem, is_within, same_file
 
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise InputError(f"Report folder '{out}' exists and is not a folder ({describe_path_problem(out) or 'a file'}); "
                          "invpt writes several report files there. Choose another --out folder.")
+    for d in data:
+        if d is None or not Path(d).is_dir():
+            continue
+        if is_within(out, d) or is_within(d, out):
+            raise InputError(f"Report folder '{out}' {'is' if same_file(out, d) else 'overlaps'} the image folder "
+                             f"'{d}' this run reads; invpt never writes among its inputs (and a later run would read "
+                             "the report's pictures as images). Choose an --out folder outside it, e.g. reports/.")
     protected = []
     for inp in inputs:
         if inp is not None:
@@ -35,7 +52,32 @@ def prepare_report_dir(out: str | os.PathLike, names: Sequence[str], inputs: Ite
             if target.exists() and p.exists() and same_file(target, p):
                 raise InputError(f"Report file '{target}' is the input '{p}'; writing the report would destroy it, and "
                                  "invpt never writes into its inputs. Choose another --out folder.")
+    existing = [n for n in names if (out / n).exists()] if out.is_dir() else []
+    foreign = [n for n in existing if not _made_by_invpt(out, n, owner, markers)]
+    if foreign:
+        why = (f"no invpt {owner[0]} is beside them" if owner else "they are not invpt's reports")
+        raise InputError(f"Report folder '{out}' already holds {', '.join(foreign)}, which invpt did not write ({why}); "
+                         "invpt never replaces files it did not make. Choose a new or empty --out folder, or move "
+                         "those files away.")
     return check_output_dir(out, "Report folder", "Choose a writable --out folder.")
+
+
+def _made_by_invpt(folder: Path, name: str, owner: Optional[tuple[str, str]], markers: Optional[Mapping[str, str]]
+                   ) -> bool:
+    """Whether ``folder/name`` is a report file invpt wrote (see :func:`prepare_report_dir`)."""
+    if markers and name in markers:
+        try:
+            with open(folder / name, "rb") as f:
+                return markers[name].encode() in f.read(4096)
+        except OSError:
+            return False
+    if owner:
+        try:
+            report = json.loads((folder / owner[0]).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        return isinstance(report, dict) and report.get("schema") == owner[1]
+    return False
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

@@ -78,6 +78,14 @@ def test_check_output_accepts_new_and_replaceable_paths(tmp_path):
     gone = _artifact(tmp_path, "gone.onnx")
     gone.unlink()  # its manifest stayed: the manifest of this very output, replaceable
     assert check_output(gone, [inp]) == gone
+    made = _artifact(tmp_path / "made", "m.onnx", b"an artifact the user renamed")
+    renamed = tmp_path / "renamed.onnx"
+    os.rename(made, renamed)
+    os.rename(manifest_path_for(made), manifest_path_for(renamed))  # the manifest still says m.onnx, same sha256
+    assert check_output(renamed, [inp]) == renamed
+    renamed.write_bytes(b"changed since")  # no longer the file the manifest describes: not invpt's to replace
+    with pytest.raises(InputError, match="is the manifest of"):
+        check_output(renamed, [inp])
 
 
 @pytest.mark.parametrize("case", ["user_file", "checkpoint", "other_artifact_manifest", "user_json"])

@@ -127,6 +127,50 @@ def test_bench_refuses_device_flags_without_a_checkpoint(pascal_onnx, tmp_path, 
     assert "needs --ckpt" in capsys.readouterr().err and not out.exists()
 
 
+@pytest.mark.parametrize("case", ["out_is_data", "out_inside_data", "user_report_file", "user_visuals"])
+def test_parity_report_folder_never_lands_on_files_it_did_not_make(tiny_pascal_official_ckpt, pascal_onnx, tmp_path,
+                                                                  capsys, case):
+    """P11/P12: --out equal to the --data image folder wrote the report among the images (and the next run compared
+    its own PNGs as images); a folder holding the user's parity.md had it overwritten (both exit 0)."""
+    from invpt.runtime.parity_cli import main
+
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    shutil.copyfile(Path(__file__).resolve().parents[1] / "assets" / "chelsea.jpg", imgs / "cat.jpg")
+    out = {"out_is_data": imgs, "out_inside_data": imgs / "rep"}.get(case, tmp_path / "rep")
+    if case == "user_report_file":
+        out.mkdir()
+        (out / "parity.md").write_text("my notes")
+    elif case == "user_visuals":
+        (out / "visuals").mkdir(parents=True)
+        (out / "visuals" / "x.png").write_bytes(b"mine")
+    before = tree_digest(tmp_path)
+    assert main(["--ckpt", str(tiny_pascal_official_ckpt), "--model", str(pascal_onnx.onnx_path), "--samples", "1",
+                 "--data", str(imgs), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert ("the image folder" in err) if case.startswith("out_") else ("which invpt did not write" in err)
+    assert tree_digest(tmp_path) == before
+
+
+def test_parity_and_bench_rerun_into_their_own_report_folder(tiny_pascal_official_ckpt, pascal_onnx, tmp_path,
+                                                             capsys):
+    """Their own earlier reports are replaced (the ownership check recognises them); a user's file is not."""
+    from invpt.runtime.bench_cli import main as bench
+    from invpt.runtime.parity_cli import main as parity
+
+    rep = tmp_path / "rep"
+    for _ in range(2):
+        assert parity(["--ckpt", str(tiny_pascal_official_ckpt), "--model", str(pascal_onnx.onnx_path),
+                       "--samples", "1", "--out", str(rep)]) == 0
+        assert bench(["--model", str(pascal_onnx.onnx_path), "--iters", "1", "--warmup", "0",
+                      "--out", str(rep / "b")]) == 0
+    (rep / "c").mkdir()
+    (rep / "c" / "bench.md").write_text("my notes")  # B15: was overwritten
+    assert bench(["--model", str(pascal_onnx.onnx_path), "--iters", "1", "--out", str(rep / "c")]) == 2
+    assert "bench.md, which invpt did not write" in capsys.readouterr().err
+    assert (rep / "c" / "bench.md").read_text() == "my notes"
+
+
 # ---- invpt-deploy --------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("flag, value, precision", [
     ("--iters", "0", "fp32"),  # D08
@@ -174,6 +218,35 @@ def test_deploy_refuses_a_batch_that_cannot_fit_before_quantizing(tiny_pascal_of
     assert f"--batch {HUGE} needs at least" in capsys.readouterr().err
     after = tree_digest(out)
     assert {k: v for k, v in after.items() if not k.startswith(".")} == before  # only the publish lock file is new
+
+
+@pytest.mark.parametrize("case", ["user_summary", "out_is_data"])
+def test_deploy_report_folder_never_lands_on_files_it_did_not_make(tiny_pascal_official_ckpt, tmp_path, capsys,
+                                                                   monkeypatch, case):
+    """D08: a folder holding the user's summary.md had it overwritten; D24: --out equal to --data wrote every artifact
+    and report among the images (both exit 0). Both are refused before the export."""
+    import invpt.export.pipeline as pipeline
+    from invpt.runtime.deploy_cli import main
+
+    def never(*a, **k):
+        raise AssertionError("exported before the report folder was checked")
+
+    monkeypatch.setattr(pipeline, "run_export", never)
+    out = tmp_path / "d"
+    out.mkdir()
+    data = tmp_path / "imgs"
+    data.mkdir()
+    shutil.copyfile(Path(__file__).resolve().parents[1] / "assets" / "chelsea.jpg", data / "cat.jpg")
+    if case == "user_summary":
+        (out / "summary.md").write_text("# my deployment notes")
+    else:
+        out = data
+    before = tree_digest(tmp_path)
+    assert main(["--ckpt", str(tiny_pascal_official_ckpt), "--out", str(out), "--data", str(data), "--precision",
+                 "fp32", "--no-engines"]) == 2
+    err = capsys.readouterr().err
+    assert ("summary.md, which invpt did not write" in err) if case == "user_summary" else ("the image folder" in err)
+    assert tree_digest(tmp_path) == before
 
 
 # ---- invpt-eval ----------------------------------------------------------------------------------------------------
