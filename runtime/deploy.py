@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from invpt.errors import DependencyError, InputError
+from invpt.errors import DependencyError, InputError, InvptError
 
 _logger = logging.getLogger(__name__)
 SUMMARY_TITLE = "# invpt-deploy summary"  # the first line of summary.md; how a rerun knows the file is its own
@@ -71,9 +71,26 @@ def bundled_images() -> Optional[Path]:
 def default_checkpoint(out: str | os.PathLike) -> Path:
     """The embedded default model: ``OUT/tiny_pascal.pth``, a tiny PASCAL-Context InvPT with random weights (seed 0,
     non-trivial BatchNorm statistics, official layout, like ``invpt-init --config tiny_pascal --official-format``).
-    An existing file there is used as it is (so a rerun reuses everything made from it); else it is written now."""
+    An existing file there is used as it is (so a rerun reuses everything made from it) when it is a checkpoint of
+    that model's architecture; anything else there (another model, not a checkpoint) is refused, never presented as
+    the embedded default. Else it is written now."""
     path = Path(out) / f"{DEFAULT_CONFIG}.pth"
     if path.is_file():
+        from invpt.checkpoint import infer_config, read_checkpoint
+        from invpt.config import load_config
+
+        try:
+            found = infer_config(read_checkpoint(path))
+        except InvptError as err:
+            found, why = None, str(err)
+        want = load_config(DEFAULT_CONFIG)
+        if found is None or found.to_dict() != want.to_dict():
+            what = (f"a {found.dataset} model ({found.name or 'custom config'})" if found is not None
+                    else f"not a checkpoint invpt reads ({why})")
+            raise InputError(
+                f"'{path}' exists but is not invpt-deploy's embedded default model ({DEFAULT_CONFIG}): it is {what}. "
+                f"invpt-deploy without --ckpt writes and uses its own {DEFAULT_CONFIG} checkpoint there. To deploy "
+                f"that file, pass it with --ckpt; else choose another --out.")
         _logger.info("embedded default: using %s", path)
         return path
     if path.exists() or path.is_symlink():

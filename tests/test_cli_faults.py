@@ -249,6 +249,33 @@ def test_deploy_report_folder_never_lands_on_files_it_did_not_make(tiny_pascal_o
     assert tree_digest(tmp_path) == before
 
 
+def test_deploy_never_presents_another_checkpoint_as_the_embedded_default(tiny_nyud_official_ckpt,
+                                                                         tiny_pascal_official_ckpt, tmp_path, capsys,
+                                                                         monkeypatch):
+    """D07: without --ckpt, a NYUD checkpoint found at OUT/tiny_pascal.pth was deployed as 'the embedded tiny_pascal
+    model' (exit 0, a NYUD ONNX named tiny_pascal.onnx, parity PASS). A checkpoint of the default's architecture is
+    still used as it is (a rerun of the demo)."""
+    import invpt.export.pipeline as pipeline
+    from invpt.runtime.deploy import default_checkpoint
+    from invpt.runtime.deploy_cli import main
+
+    def never(*a, **k):
+        raise AssertionError("exported from a checkpoint that is not the embedded default")
+
+    monkeypatch.setattr(pipeline, "run_export", never)
+    out = tmp_path / "d"
+    out.mkdir()
+    shutil.copyfile(tiny_nyud_official_ckpt, out / "tiny_pascal.pth")
+    before = tree_digest(tmp_path)
+    assert main(["--out", str(out), "--precision", "fp32", "--no-engines"]) == 2
+    err = capsys.readouterr().err
+    assert f"'{out / 'tiny_pascal.pth'}' exists but is not invpt-deploy's embedded default model" in err
+    assert "nyud_v2 model" in err and "--ckpt" in err
+    assert tree_digest(tmp_path) == before
+    shutil.copyfile(tiny_pascal_official_ckpt, out / "tiny_pascal.pth")  # the same architecture: used as it is
+    assert default_checkpoint(out) == out / "tiny_pascal.pth"
+
+
 # ---- invpt-eval ----------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def pascal_data(tmp_path_factory) -> Path:
