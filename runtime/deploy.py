@@ -135,6 +135,9 @@ def _reusable(path: Path, precision: str, parent_sha: str, kind: str = "onnx",
         raise _refuse(path, str(err).rstrip(".")) from err
     if man.kind != kind or man.precision != precision:
         raise _refuse(path, f"it is a {man.precision} {man.kind}, not a {precision} {kind}")
+    if kind == "onnx" and man.inputs and isinstance(man.inputs[0].shape[0], int):
+        raise _refuse(path, f"it has a static batch of {man.inputs[0].shape[0]}, and invpt-deploy makes and times a "
+                            "dynamic-batch ONNX (invpt-export --dynamic-batch)")
     if kind == "engine":
         src_sha = man.build.source_onnx.get("sha256") if man.build is not None else None
         if src_sha != parent_sha:
@@ -211,6 +214,12 @@ def run_deploy(
         if p is not None and not Path(p).exists():
             raise InputError(f"{flag} '{p}' does not exist. Pass an image folder, a video or a PASCAL-Context/NYUD-v2 "
                              "root.")
+        if p is not None:  # an empty folder would otherwise surface after the export (minutes for ViT-L)
+            from invpt.data.datasets import open_source
+
+            if len(open_source(p)) == 0:
+                raise InputError(f"{flag} '{p}' holds no image. Pass an image folder, a video or a "
+                                 "PASCAL-Context/NYUD-v2 root.")
     if any(not isinstance(b, int) or b < 1 for b in batches) or not batches:
         raise InputError(f"--batch sizes must be integers >= 1, got {list(batches)}.")
     # The later stages check these too, but only after the export (minutes for ViT-L) and with its files written.
@@ -231,7 +240,8 @@ def run_deploy(
     inputs = [ckpt_path, Path(calib_data) if calib_data and Path(calib_data).is_file() else None,
               Path(data) if data and Path(data).is_file() else None]
     prepare_report_dir(out, ("summary.md", "index.html"), inputs, data=[data, calib_data],
-                       markers={"summary.md": SUMMARY_TITLE, "index.html": f"<title>{SUMMARY_TITLE[2:]}</title>"})
+                       markers={"summary.md": SUMMARY_TITLE, "index.html": f"<title>{SUMMARY_TITLE[2:]}</title>"},
+                       what="--out folder")
     fp32_onnx = out / default_out(str(ckpt_path)).name
     onnx_of = {p: fp32_onnx if p == "fp32" else fp32_onnx.with_name(f"{fp32_onnx.stem}.{p}.onnx") for p in precs}
     from invpt.artifacts import check_output

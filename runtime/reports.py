@@ -17,7 +17,7 @@ _logger = logging.getLogger(__name__)
 
 def prepare_report_dir(out: str | os.PathLike, names: Sequence[str], inputs: Iterable[Optional[str | os.PathLike]],
                        *, data: Iterable[Optional[str | os.PathLike]] = (), owner: Optional[tuple[str, str]] = None,
-                       markers: Optional[Mapping[str, str]] = None) -> Path:
+                       markers: Optional[Mapping[str, str]] = None, what: str = "Report folder") -> Path:
     """Check the report folder ``out`` before any work; returns ``Path(out)``. Refused, each with one paragraph:
 
     * an existing file at ``out``; a folder that cannot be created or written;
@@ -33,13 +33,13 @@ def prepare_report_dir(out: str | os.PathLike, names: Sequence[str], inputs: Ite
 
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise InputError(f"Report folder '{out}' exists and is not a folder ({describe_path_problem(out) or 'a file'}); "
+        raise InputError(f"{what} '{out}' exists and is not a folder ({describe_path_problem(out) or 'a file'}); "
                          "invpt writes several report files there. Choose another --out folder.")
     for d in data:
         if d is None or not Path(d).is_dir():
             continue
         if is_within(out, d) or is_within(d, out):
-            raise InputError(f"Report folder '{out}' {'is' if same_file(out, d) else 'overlaps'} the image folder "
+            raise InputError(f"{what} '{out}' {'is' if same_file(out, d) else 'overlaps'} the image folder "
                              f"'{d}' this run reads; invpt never writes among its inputs (and a later run would read "
                              "the report's pictures as images). Choose an --out folder outside it, e.g. reports/.")
     protected = []
@@ -56,10 +56,10 @@ def prepare_report_dir(out: str | os.PathLike, names: Sequence[str], inputs: Ite
     foreign = [n for n in existing if not _made_by_invpt(out, n, owner, markers)]
     if foreign:
         why = (f"no invpt {owner[0]} is beside them" if owner else "they are not invpt's reports")
-        raise InputError(f"Report folder '{out}' already holds {', '.join(foreign)}, which invpt did not write ({why}); "
+        raise InputError(f"{what} '{out}' already holds {', '.join(foreign)}, which invpt did not write ({why}); "
                          "invpt never replaces files it did not make. Choose a new or empty --out folder, or move "
                          "those files away.")
-    return check_output_dir(out, "Report folder", "Choose a writable --out folder.")
+    return check_output_dir(out, what, "Choose a writable --out folder.")
 
 
 def _made_by_invpt(folder: Path, name: str, owner: Optional[tuple[str, str]], markers: Optional[Mapping[str, str]]

@@ -276,6 +276,42 @@ def test_deploy_never_presents_another_checkpoint_as_the_embedded_default(tiny_n
     assert default_checkpoint(out) == out / "tiny_pascal.pth"
 
 
+def test_deploy_refuses_to_reuse_a_static_batch_onnx(tiny_pascal_official_ckpt, pascal_onnx, tmp_path, capsys):
+    """D04/D06: a static-batch ONNX from invpt-export was reused although invpt-deploy promises (and times) a
+    dynamic-batch one; --batch 1,2 then failed after parity had rewritten the reports."""
+    from invpt.runtime.deploy_cli import main
+
+    out = tmp_path / "d"
+    out.mkdir()
+    shutil.copyfile(pascal_onnx.onnx_path, out / "tiny_pascal_official.onnx")
+    shutil.copyfile(pascal_onnx.manifest_path, out / "tiny_pascal_official.json")
+    before = tree_digest(out)
+    assert main(["--ckpt", str(tiny_pascal_official_ckpt), "--out", str(out), "--precision", "fp32",
+                 "--no-engines"]) == 2
+    assert "static batch of 1" in capsys.readouterr().err
+    assert {k: v for k, v in tree_digest(out).items() if not k.startswith(".")} == before
+
+
+@pytest.mark.parametrize("flag", ["--data", "--calib-data"])
+def test_deploy_refuses_an_empty_image_folder_before_the_export(tiny_pascal_official_ckpt, tmp_path, capsys,
+                                                                monkeypatch, flag):
+    """D20/D22: an empty --data / --calib-data folder was found only after the export (its files left in --out)."""
+    import invpt.export.pipeline as pipeline
+    from invpt.runtime.deploy_cli import main
+
+    def never(*a, **k):
+        raise AssertionError("exported before the image folders were checked")
+
+    monkeypatch.setattr(pipeline, "run_export", never)
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "d"
+    precision = "fp32,int8" if flag == "--calib-data" else "fp32"
+    assert main(["--ckpt", str(tiny_pascal_official_ckpt), "--out", str(out), "--precision", precision,
+                 "--no-engines", flag, str(tmp_path / "empty")]) == 2
+    assert f"'{tmp_path / 'empty'}' contains no images" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+
+
 # ---- invpt-eval ----------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def pascal_data(tmp_path_factory) -> Path:
