@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -23,7 +24,8 @@ EXAMPLES = """examples:
 
 For each image, DIR/<image id>/ gets <task>.png (colour visual), <task>_ids.png (class ids, label tasks),
 <task>.npy with --save-raw, and overview.png (input plus every task side by side). Every file is written
-atomically (a temporary file beside it, then renamed), so none is ever half-written.
+atomically (a temporary file beside it, then renamed), so none is ever half-written. DIR/infer.json records
+every file invpt-infer wrote there (with its sha256): a rerun into DIR replaces only those, unchanged since.
 
 Image ids: for one folder, the image's path relative to it without extension (photos/a/x.jpg -> a/x; the
 extension is kept only where two files differ by it alone: x.jpg, x.png); for one file, its stem; with several
@@ -42,15 +44,22 @@ Choosing --mode (the image is always normalised first; every output is mapped ba
              folders and videos.
 
 Checks before anything is loaded: every input exists, --out is a writable folder that is not an input and not
-inside an input folder, --device is usable here, --tasks is well-formed. An image that cannot be read or decoded
-(or, with --mode pad, is larger than the model size) is skipped with a warning; the other images are processed
-completely, and the run ends with a list of every skipped file and exit code 2.
+inside an input folder, no file this run would write there exists unless invpt-infer wrote it (listed in
+DIR/infer.json and unchanged since), --device is usable here, --tasks is well-formed. An image that cannot be read
+or decoded (or, with --mode pad, is larger than the model size) is skipped with a warning; the other images are
+processed completely, and the run ends with a list of every skipped file and exit code 2.
 
 exit codes: 0 every image done; 2 bad input (nothing written), or some images skipped (the rest written).
 """
 
 #: Output file names per task (besides overview.png); used to refuse outputs that would replace an input.
 _OVERVIEW = "overview.png"
+#: The record invpt-infer keeps in --out of the files it wrote there: a rerun replaces only those (see
+#: :func:`_check_own_outputs`). ``files`` maps each path (relative to --out, POSIX) to its sha256, or to null while a
+#: run is writing it.
+RECORD_NAME = "infer.json"
+RECORD_SCHEMA = "invpt.infer"
+RECORD_VERSION = 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,6 +112,104 @@ def _check_task_names(tasks: Optional[list[str]], cfg) -> None:
     if unknown:
         where = f"the model ({cfg.name or cfg.dataset})" if cfg is not None else "any supported dataset"
         raise InputError(f"--tasks names {unknown}, which {where} does not predict. Known tasks: {', '.join(known)}.")
+
+
+def _possible_names(cfg, wanted: Optional[list[str]], save_raw: bool) -> list[str]:
+    """Every file name this run may write into an image's folder, known before the model is loaded: the outputs of
+    the tasks of --config (without it, of every supported dataset), narrowed to --tasks."""
+    from invpt.tasks import DATASETS
+
+    specs = list(cfg.task_specs) if cfg is not None else [t for d in DATASETS.values() for t in d.tasks]
+    names = {_OVERVIEW}
+    for spec in specs:
+        if wanted is None or spec.name in wanted:
+            names.update(_output_names(spec.name, spec.kind, save_raw))
+    return sorted(names)
+
+
+def _read_record(out_dir: Path) -> dict[str, Optional[str]]:
+    """The files earlier invpt-infer runs recorded in ``<out>/infer.json`` (relative path -> sha256, or None for one
+    a run was writing when it stopped); {} when there is none. InputError for a file there that is not such a
+    record: it is the user's, and never replaced."""
+    path = out_dir / RECORD_NAME
+    if not os.path.lexists(path):
+        return {}
+    files = None
+    if os.path.islink(path) or not path.is_file():
+        problem = "is not a regular file"
+    else:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            data = None
+        files = data.get("files") if isinstance(data, dict) else None
+        if not isinstance(data, dict) or data.get("schema") != RECORD_SCHEMA:
+            problem, files = "is not invpt-infer's record of the files it wrote", None
+        elif not (isinstance(files, dict) and all(isinstance(k, str) and (v is None or isinstance(v, str))
+                                                  for k, v in files.items())):
+            problem, files = "is an invpt-infer record whose list of files is damaged", None
+    if files is None:
+        raise InputError(
+            f"--out '{out_dir}': '{path}' already exists and {problem}; invpt-infer keeps its record of the files it "
+            "writes under that name, and invpt never replaces a file it did not make. Choose another --out folder, "
+            "or move that file away yourself.")
+    return dict(files)
+
+
+def _check_own_outputs(out_dir: Path, ids: Sequence[str], names: Sequence[str], record: dict[str, Optional[str]],
+                       verify: bool = True) -> None:
+    """Refuse, before any work, a run that would replace a file under --out that invpt-infer did not write (not in
+    its record, or not a regular file) or, with ``verify``, one it wrote that was changed since (its sha256 differs
+    from the recorded one: it may hold the user's edits); also a file where an image's folder must go."""
+    from invpt.manifest import sha256_file
+
+    foreign: list[Path] = []
+    changed: list[Path] = []
+    for sid in ids:
+        parts = Path(sid).parts
+        if parts and parts[0] == RECORD_NAME:
+            raise InputError(f"Image id '{sid}' would put its outputs in '{out_dir / sid}', below the name of "
+                             f"invpt-infer's record '{out_dir / RECORD_NAME}'. Rename that image (or its folder).")
+        for k in range(1, len(parts) + 1):
+            folder = out_dir.joinpath(*parts[:k])
+            if os.path.lexists(folder) and not folder.is_dir():
+                raise InputError(f"--out '{out_dir}': '{folder}' is a file, and the outputs of image '{sid}' go to a "
+                                 "folder of that name; invpt never replaces a file it did not make. Choose another "
+                                 "--out folder, or move that file away yourself.")
+        for name in names:
+            path = out_dir / sid / name
+            if not os.path.lexists(path):
+                continue
+            rel = (Path(sid) / name).as_posix()
+            if rel not in record or os.path.islink(path) or not path.is_file():
+                foreign.append(path)
+            elif verify and record[rel] is not None and sha256_file(path) != record[rel]:
+                changed.append(path)
+    for paths, what in ((foreign, f"was not written by invpt-infer (it is not listed in its record "
+                                  f"'{out_dir / RECORD_NAME}')"),
+                        (changed, f"was written by invpt-infer but has changed since (its sha256 differs from the one "
+                                  f"in '{out_dir / RECORD_NAME}'), so it may hold your edits")):
+        if paths:
+            more = (f"; so do {len(paths) - 1} other file(s) this run would write, e.g. '{paths[1]}'"
+                    if len(paths) > 1 else "")
+            raise InputError(
+                f"--out '{out_dir}': '{paths[0]}' already exists and {what}{more}. This run would replace "
+                f"{'it' if len(paths) == 1 else 'them'}, and invpt never replaces a file it did not make. Choose "
+                f"another --out folder, or move {'that file' if len(paths) == 1 else 'those files'} away yourself (if "
+                "they are predictions of an older invpt-infer, which kept no record, delete them).")
+
+
+def _write_record(out_dir: Path, files: dict[str, Optional[str]]) -> None:
+    """Write ``<out>/infer.json`` (atomically): the files invpt-infer wrote under --out."""
+    from invpt.atomic import write_atomic
+
+    data = {"schema": RECORD_SCHEMA, "schema_version": RECORD_VERSION,
+            "note": "Files invpt-infer wrote into this folder (path -> sha256; null while a run was writing it). A "
+                    "rerun replaces only these, and only while unchanged.",
+            "files": dict(sorted(files.items()))}
+    blob = (json.dumps(data, indent=1) + "\n").encode()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(out_dir / RECORD_NAME, lambda f: f.write(blob), "Output record")
 
 
 def _check_out_dir(out: Path, inputs: Sequence[str]) -> Path:
@@ -161,15 +268,9 @@ def _save_npy(path: Path, arr: np.ndarray) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import torch
-    from tqdm import tqdm
-
     import invpt
     from invpt.checkpoint import resolve_device
     from invpt.config import load_config
-    from invpt.data.decode import decode
-    from invpt.data.transforms import preprocess, read_image, restore_geometry
-    from invpt.data.visualize import overview, save_png, visualize
     from invpt.paths import require_file
 
     watch = Stopwatch()
@@ -190,6 +291,9 @@ def _run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     images = collect_images(args.inputs)
     out_dir = _check_out_dir(Path(args.out), args.inputs)
+    ids = images.ids()
+    record = _read_record(out_dir)
+    _check_own_outputs(out_dir, ids, _possible_names(cfg, wanted, args.save_raw), record)
 
     # ---- the model ----
     if args.random_init:
@@ -201,9 +305,55 @@ def _run(args: argparse.Namespace) -> int:
     specs = {t.name: t for t in model.cfg.task_specs}
     names = [_OVERVIEW] + [n for t in tasks for n in _output_names(t, specs[t].kind, args.save_raw)]
     _check_outputs_outside_inputs(out_dir, images, args.inputs, names)
+    # Again, for the model's own file names and any file that appeared while the model loaded (sha256s were checked).
+    record = _read_record(out_dir)
+    _check_own_outputs(out_dir, ids, names, record, verify=False)
 
-    ids = images.ids()
+    # The record lists every file of this run before the first is written, so an interrupted run's files stay its own.
+    planned = {(Path(sid) / n).as_posix() for sid in ids for n in names}
+    _write_record(out_dir, {**record, **dict.fromkeys(planned)})
+    written: dict[str, str] = {}
+    completed = False
     skipped: list[Path] = []
+    try:
+        _infer_images(args, model, images, ids, tasks, specs, out_dir, device, skipped, written)
+        completed = True
+    finally:
+        # What is on disk now: this run's files with their sha256, earlier runs' with theirs. After an interruption a
+        # listed file this run did not finish stays pending (null): it may have been replaced just before the stop.
+        # A file neither written nor listed before is never adopted (it may be the user's).
+        final: dict[str, Optional[str]] = {}
+        for rel in sorted(set(record) | planned):
+            if rel in written:
+                final[rel] = written[rel]
+            elif rel in record and os.path.lexists(out_dir / rel):
+                final[rel] = None if rel in planned and not completed else record[rel]
+        try:
+            _write_record(out_dir, final)
+        except InvptError as err:  # the pending record written above still lists every file of this run
+            _logger.warning("%s", err)
+    done = len(images) - len(skipped)
+    if skipped:
+        _logger.error(
+            "infer finished with errors %.1fs: %d of %d image(s) skipped (see the warnings above for why), the other "
+            "%d are complete in %s. Skipped: %s. Fix or remove these files and run again.",
+            watch.seconds, len(skipped), len(images), done, out_dir, ", ".join(f"'{p}'" for p in skipped))
+        return 2
+    _logger.info("infer ok %.1fs: %d image(s) x %d task(s) -> %s", watch.seconds, done, len(tasks), out_dir)
+    return 0
+
+
+def _infer_images(args, model, images, ids, tasks, specs, out_dir: Path, device, skipped: list, written: dict) -> None:
+    """Run the model on every image and write its files; bad images go to ``skipped``, each written file's relative
+    path and sha256 to ``written``."""
+    import torch
+    from tqdm import tqdm
+
+    from invpt.data.decode import decode
+    from invpt.data.transforms import preprocess, read_image, restore_geometry
+    from invpt.data.visualize import overview, save_png, visualize
+    from invpt.manifest import sha256_file
+
     for i in tqdm(range(len(images)), desc="infer", unit="img", disable=None):
         path = images.image_path(i)
         try:
@@ -233,17 +383,10 @@ def _run(args: argparse.Namespace) -> int:
         target = out_dir / ids[i]
         for name, img in pngs.items():
             save_png(target / name, img)  # atomic (temporary file + os.replace)
+            written[(Path(ids[i]) / name).as_posix()] = sha256_file(target / name)
         for name, arr in npys.items():
             _save_npy(target / name, arr)
-    done = len(images) - len(skipped)
-    if skipped:
-        _logger.error(
-            "infer finished with errors %.1fs: %d of %d image(s) skipped (see the warnings above for why), the other "
-            "%d are complete in %s. Skipped: %s. Fix or remove these files and run again.",
-            watch.seconds, len(skipped), len(images), done, out_dir, ", ".join(f"'{p}'" for p in skipped))
-        return 2
-    _logger.info("infer ok %.1fs: %d image(s) x %d task(s) -> %s", watch.seconds, done, len(tasks), out_dir)
-    return 0
+            written[(Path(ids[i]) / name).as_posix()] = sha256_file(target / name)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

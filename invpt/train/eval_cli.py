@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shlex
@@ -25,9 +26,22 @@ Protocol (as upstream's main.py test): images normalised and centred-padded to t
 accumulated over the whole split on the padded outputs with the padding ignored; saved predictions are cropped back
 to each image's size (boundary PNGs in the layout the official odsF tools read).
 
+An existing --out report (or the .md beside it) is replaced only when it is an earlier invpt-eval report; any
+other file there (an ONNX manifest, your own notes) is refused before the model is loaded.
+
 exit codes: 0 done; 2 bad input (checkpoint, data, --config that disagrees with the checkpoint, output path);
 4 a library failed: re-run with -v for its traceback.
 """
+
+#: ``schema`` of the JSON report invpt-eval writes: how a rerun recognises its own earlier report.
+REPORT_SCHEMA = "invpt.eval"
+#: Keys of every report invpt-eval wrote before it had a ``schema`` field (recognised by these with its title and
+#: command).
+_LEGACY_REPORT_KEYS = frozenset({"title", "checkpoint", "split", "images", "data_root", "seconds", "processes", "bf16",
+                                 "device", "predictions", "command", "config", "scores"})
+#: A sentence of the notes every Markdown table of an evaluation report ends with (invpt.train.evaluate).
+_MARKDOWN_NOTE = "Metrics follow the official protocol: eval transforms"
+_MAX_OWN_REPORT_BYTES = 64 << 20  # a report is kilobytes; a larger file is not one (and is not read whole)
 
 
 @dataclass(frozen=True)
@@ -110,8 +124,68 @@ def options_from_args(args: argparse.Namespace) -> EvalOptions:
     )
 
 
+def _read_small_text(path: Path) -> Optional[str]:
+    """The text of a regular file (not a symlink) of at most a few MiB, or None."""
+    import stat
+
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > _MAX_OWN_REPORT_BYTES:
+            return None
+        return path.read_text(encoding="utf-8")
+    except (OSError, ValueError):
+        return None
+
+
+def _not_own_report(path: Path, markdown: bool) -> Optional[str]:
+    """None when ``path`` is absent or is invpt-eval's own earlier report (its JSON, or the Markdown table beside it);
+    else a few words on what the file is, for the refusal."""
+    if not os.path.lexists(path):
+        return None
+    if os.path.islink(path):
+        return "a symbolic link, not an invpt-eval report"
+    text = _read_small_text(path)
+    if text is None:
+        return "not an invpt-eval report"
+    if markdown:
+        return None if text.startswith("## Evaluation of ") and _MARKDOWN_NOTE in text else \
+            "not an invpt-eval report table"
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return "not JSON, so not an invpt-eval report"
+    if not isinstance(data, dict):
+        return "not an invpt-eval report"
+    if "schema" in data:
+        if data["schema"] == REPORT_SCHEMA:
+            return None
+        if data["schema"] == "invpt.manifest":
+            artifact = data.get("artifact")
+            return f"an invpt manifest{f' (of {artifact!r})' if isinstance(artifact, str) else ''}, not an " \
+                "invpt-eval report"
+        return f"a JSON file of schema {data['schema']!r}, not an invpt-eval report"
+    legacy = (_LEGACY_REPORT_KEYS <= data.keys() and str(data.get("command", "")).startswith("invpt-eval")
+              and str(data.get("title", "")).startswith("Evaluation of "))
+    return None if legacy else "not an invpt-eval report"
+
+
+def check_report_ownership(opts: EvalOptions) -> None:
+    """Refuse a report path (--out, or the .md beside it) that holds a file invpt-eval did not write: only its own
+    earlier report is ever replaced."""
+    for path, markdown in ((opts.out, False), (opts.out.with_suffix(".md"), True)):
+        what = _not_own_report(path, markdown)
+        if what is not None:
+            where = f"Report '{path}'" if not markdown else \
+                f"'{path}' (where the Markdown table of --out '{opts.out}' goes)"
+            raise InputError(
+                f"{where} already exists and is {what}; invpt-eval replaces only its own earlier report, and "
+                "invpt never replaces a file it did not make. Choose another --out path (e.g. reports/eval.json), or "
+                "move that file away yourself.")
+
+
 def check_outputs(opts: EvalOptions) -> None:
-    """Refuse, before loading anything, a report path or prediction folder that would overwrite an input."""
+    """Refuse, before loading anything, a report path or prediction folder that would overwrite an input or a file
+    invpt-eval did not write."""
     from invpt.atomic import check_output_file
     from invpt.paths import is_within as _within, same_file as _same_file
 
@@ -127,6 +201,7 @@ def check_outputs(opts: EvalOptions) -> None:
         if opts.data_root.exists() and _within(path, opts.data_root):
             raise InputError(f"Report '{path}' lies inside the data folder '{opts.data_root}'; invpt never writes into "
                              "its inputs. Choose another --out path.")
+    check_report_ownership(opts)
     if opts.save_predictions is not None:
         sp = opts.save_predictions
         if sp.exists() and not sp.is_dir():
@@ -218,6 +293,7 @@ def evaluate_checkpoint(opts: EvalOptions) -> dict:
         scores = evaluate(model, dataset, evaluator, batch_size=opts.batch, workers=opts.workers, ctx=ctx,
                           bf16=opts.bf16, progress=ctx.is_main and sys.stderr.isatty())
         report = {
+            "schema": REPORT_SCHEMA,
             "title": f"Evaluation of {opts.ckpt.name} on {opts.split}",
             "checkpoint": str(opts.ckpt), "split": opts.split, "images": len(dataset), "data_root": str(opts.data_root),
             "seconds": round(time.perf_counter() - t0, 3), "processes": ctx.world_size, "bf16": opts.bf16,
@@ -225,6 +301,7 @@ def evaluate_checkpoint(opts: EvalOptions) -> dict:
             "command": opts.command, "config": cfg.to_dict(), "scores": scores,
         }
         if ctx.is_main:
+            check_report_ownership(opts)  # again: a file may have appeared at --out while the split was evaluated
             write_report(report, opts.out)
         ctx.barrier()
         return report
