@@ -367,6 +367,9 @@ class Manifest:
                 f"{source} has manifest schema_version {d.get('schema_version')}; this invpt reads version "
                 f"{SCHEMA_VERSION}. Re-export with this invpt version (invpt-export)."
             )
+        if "config" in d and not isinstance(d["config"], dict):
+            raise ManifestError(f"{source} has a malformed field 'config' (a JSON {type(d['config']).__name__}, not the "
+                                "model config object); regenerate it with the stage that wrote it.")
         try:
             d = dict(d)
             d["inputs"] = tuple(_tensor_info(t) for t in d["inputs"])

@@ -327,7 +327,8 @@ def resolve_providers(providers: str | Sequence[str]) -> list[str]:
         if full not in available:
             raise InputError(
                 f"ONNX Runtime execution provider '{p}' is not available in this onnxruntime ({ort.__version__}; "
-                f"available: {', '.join(available)}). Use one of those (e.g. providers=('cpu',)), or install the "
+                f"available: {', '.join(available)}). Use one of those (--provider cpu on the command line, "
+                f"providers=('cpu',) from Python), or install the "
                 "onnxruntime build that provides it (onnxruntime-gpu for CUDA and TensorRT)."
             )
         out.append(full)

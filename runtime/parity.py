@@ -78,12 +78,19 @@ def _visual_rows(spec: Any, x: np.ndarray, ref: np.ndarray, test: np.ndarray, la
     return np.concatenate(out)
 
 
+def _overall(data: dict) -> str:
+    """PASS (every candidate that ran passed, one at least), FAIL (one failed) or NOT RUN (none could run here)."""
+    if data["passed"]:
+        return "PASS"
+    return "FAIL" if any(c["status"] == "failed" for c in data["candidates"]) else "NOT RUN"
+
+
 def _markdown(data: dict) -> str:
     ref = data["reference"]
     lines = [f"# Parity report", "",
              f"Reference: PyTorch FP32 ({ref['runner']}) from `{ref['checkpoint']}` ({ref['config']}). "
              f"Inputs: {data['inputs']['description']}.", "",
-             f"**Overall: {'PASS' if data['passed'] else 'FAIL'}** "
+             f"**Overall: {_overall(data)}** "
              f"({sum(c['status'] == 'passed' for c in data['candidates'])} passed, "
              f"{sum(c['status'] == 'failed' for c in data['candidates'])} failed, "
              f"{sum(c['status'] == 'not run' for c in data['candidates'])} not run here)", "",

@@ -87,15 +87,20 @@ def _run(args: argparse.Namespace) -> int:
         _logger.error("parity FAILED for %s (%.1fs); report %s", ", ".join(rep.failed), watch.seconds,
                       rep.markdown_path)
         return 3
-    if not rep.passed:
-        _logger.warning("no candidate could run on this machine (%.1fs); report %s", watch.seconds, rep.markdown_path)
-        return 0
+    if not rep.passed:  # nothing failed, and nothing ran: nothing was verified, which a script must not read as a pass
+        from invpt.errors import InputError
+
+        why = "; ".join(f"{c['label']}: {c['reason']}" for c in rep.data["candidates"] if c["status"] == "not run")
+        raise InputError(f"No candidate could run on this machine, so nothing was verified ({why}). Run invpt-parity "
+                         f"where they load (an engine: on a machine with the GPU it was built for); the report "
+                         f"{rep.markdown_path} says the same.")
     _logger.info("parity ok (%.1fs); report %s", watch.seconds, rep.markdown_path)
     return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of ``invpt-parity``: 0 passed, 2 bad input, 3 a candidate is outside tolerance, 4 a library failed."""
+    """Entry point of ``invpt-parity``: 0 passed, 2 bad input or no candidate could run here, 3 a candidate is outside
+    tolerance, 4 a library failed."""
     return run_main(_run, build_parser(), argv)
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -23,6 +24,24 @@ def test_round_trip_keeps_every_section(tmp_path):
     path = m.save(tmp_path / "m.fp16.plan.json")
     back = Manifest.load(path)
     assert back == m and back.build["backend"] == "tensorrt_rtx" and back.inputs[0].shape[0] == "batch"
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ("[]", "a JSON list, not an object"),  # was an AttributeError traceback (exit 1) in every command
+    ("null", "a JSON NoneType, not an object"),
+    ("config", "malformed field 'config'"),  # was "'x' is neither a config file nor a preset name", no file named
+])
+def test_a_manifest_of_the_wrong_shape_is_a_manifest_error_naming_the_file(tmp_path, content, fragment):
+    path = tmp_path / "m.json"
+    if content == "config":
+        d = _manifest().to_dict()
+        d["config"] = "x"
+        path.write_text(json.dumps(d))
+    else:
+        path.write_text(content)
+    with pytest.raises(ManifestError, match=re.escape(fragment)) as err:
+        Manifest.load(path)
+    assert f"Manifest '{path}'" in str(err.value)
 
 
 @pytest.mark.parametrize("version", [SCHEMA_VERSION + 1, 0, None, "1"])

@@ -126,6 +126,23 @@ def test_deploy_bad_inputs_exit_2_before_any_work(deployed, tmp_path, case, caps
     assert {"out-is-file": "not a folder", "int8-without-calib": "--calib-data", "missing-data": "does not exist"}[case] in err
 
 
+def test_parity_with_no_candidate_that_can_run_here_is_not_a_pass(deployed, tmp_path, capsys):
+    """P30: an engine alone on a machine that cannot load it: the report said 'Overall: FAIL' and the exit code was 0,
+    which a script reads as verified. Now: NOT RUN in the report, exit 2 with the reason."""
+    from invpt.runtime.parity_cli import main
+
+    reason = _no_gpu_reason(deployed["plan16"])
+    if reason is None:
+        pytest.skip("the engine can run on this machine")
+    out = tmp_path / "rep"
+    assert main(["--ckpt", str(deployed["ckpt"]), "--model", str(deployed["plan16"]), "--samples", "1",
+                 "--out", str(out)]) == 2
+    assert "No candidate could run on this machine, so nothing was verified" in capsys.readouterr().err
+    md = (out / "parity.md").read_text()
+    assert "**Overall: NOT RUN**" in md and "FAIL" not in md.split("\n\n")[2]
+    assert json.loads((out / "parity.json").read_text())["passed"] is False
+
+
 # ---- runners ---------------------------------------------------------------------------------------------------
 def test_onnxruntime_runners_from_artifacts_match_pytorch(deployed):
     from invpt.compare import compare_runners, tolerance_for
