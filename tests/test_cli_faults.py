@@ -370,6 +370,26 @@ def test_eval_names_a_checkpoint_of_the_other_dataset(tiny_nyud_official_ckpt, p
     assert _files(tmp_path) == []
 
 
+@pytest.mark.parametrize("existing", [False, True])
+def test_eval_that_fails_midway_leaves_no_partial_predictions(tiny_pascal_official_ckpt, tmp_path, capsys, existing):
+    """E25: a corrupt validation image stopped the run (exit 2) after the first image's predictions were written;
+    they stayed, a partial set an offline evaluation would read as the split (and the rerun was refused)."""
+    from invpt.data.synthetic import make_synthetic
+    from invpt.train.eval_cli import main
+
+    root = make_synthetic("pascal_context", tmp_path / "data", n_train=1, n_val=2, seed=0)
+    ids = (root / "ImageSets" / "Context" / "val.txt").read_text().split()
+    (root / "JPEGImages" / f"{ids[-1]}.jpg").write_bytes(b"not a jpeg")
+    preds = tmp_path / "p"
+    if existing:
+        preds.mkdir()  # an empty folder the user made: kept, empty
+    assert main(["--ckpt", str(tiny_pascal_official_ckpt), "--data", str(tmp_path / "data"), "--out",
+                 str(tmp_path / "r.json"), "--workers", "0", "--batch", "1", "--save-predictions", str(preds)]) == 2
+    assert f"{ids[-1]}" in capsys.readouterr().err
+    assert (list(preds.iterdir()) == []) if existing else not preds.exists()
+    assert not (tmp_path / "r.json").exists()
+
+
 # ---- invpt-synth-data ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("argv, fragment", [
     (["--seed", "-1"], "--seed must be an integer >= 0"),  # S05: ValueError traceback, and left --out behind

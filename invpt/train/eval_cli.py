@@ -276,7 +276,10 @@ def evaluate_checkpoint(opts: EvalOptions) -> dict:
     check_outputs(opts)
     save_tasks = save_task_list(opts)
     _config_check(opts)
+    sp = opts.save_predictions
+    sp_created = sp is not None and not sp.exists()  # else it is empty (check_outputs): all it will hold is this run's
     ctx = init_distributed(opts.device)
+    completed = False
     try:
         if opts.bf16:
             check_bf16(ctx.device)
@@ -304,9 +307,28 @@ def evaluate_checkpoint(opts: EvalOptions) -> dict:
             check_report_ownership(opts)  # again: a file may have appeared at --out while the split was evaluated
             write_report(report, opts.out)
         ctx.barrier()
+        completed = True
         return report
     finally:
+        if not completed and sp is not None and sp.is_dir():
+            # A failed or interrupted run's predictions are a partial set that an offline evaluation would read as the
+            # split: removed (the folder held nothing else when the run started; it is removed too if the run made it).
+            _remove_partial_predictions(sp, sp_created)
         cleanup(ctx)
+
+
+def _remove_partial_predictions(folder: Path, created: bool) -> None:
+    import shutil
+
+    if created:
+        shutil.rmtree(folder, ignore_errors=True)
+    else:
+        for child in list(folder.iterdir()):
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
+    _logger.warning("the run did not complete: its partial predictions in '%s' were removed", folder)
 
 
 def _run(args: argparse.Namespace) -> int:
