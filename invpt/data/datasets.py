@@ -276,6 +276,14 @@ class ImageFolderReader(ImageListReader):
         return f"image folder {self.root}: {len(self)} images"
 
 
+def _has_text(path: Path) -> bool:
+    """Whether a (small) split file holds anything but whitespace."""
+    try:
+        return bool(path.read_text(encoding="utf-8").strip())
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 def _id_stratum(sample_id: str) -> str:
     """Group for an official sample id: the part before '_' or '-' (PASCAL: the year, '2008_000123' -> '2008');
     purely numeric ids (NYUD) are grouped in blocks of 100 consecutive ids, which roughly follow the scenes."""
@@ -314,7 +322,9 @@ class SplitReader(FileListSource):
             raise InputError(
                 f"{self.DATASET} root '{root}' does not exist or is not a directory. Expected {self._layout()}."
             )
-        if not self.matches(root) and self.matches(root / self.DIR_NAME):
+        if not self.matches(root) and (self.matches(root / self.DIR_NAME) or (root / self.DIR_NAME).is_dir()):
+            # the parent of the dataset folder (the official db_root); an incomplete dataset folder is still the one
+            # meant, so its problems are reported with its own paths
             root = root / self.DIR_NAME
         if not split or any(c in split for c in "/\\") or split.startswith("."):
             raise ConfigError(f"Invalid {self.DATASET} split name {split!r}; use a plain name such as 'train' or 'val'.")
@@ -333,7 +343,13 @@ class SplitReader(FileListSource):
             raise InputError(f"{self.DATASET} split file '{split_file}' could not be read ({err}).") from err
         self._ids = [line.split()[0] for line in lines if line.strip()]
         if not self._ids:
-            raise InputError(f"{self.DATASET} split file '{split_file}' lists no sample ids; expected one id per line.")
+            others = sorted(p.stem for p in split_file.parent.glob("*.txt") if p != split_file and _has_text(p))
+            raise InputError(
+                f"{self.DATASET} split file '{split_file}' exists but is empty: it lists no sample ids (expected one id "
+                f"per line, each naming <root>/{self.IMAGE_DIR}/<id>{self.IMAGE_EXT}). Write the split's ids into it, "
+                f"or choose a split that has samples"
+                + (f" (splits with ids there: {', '.join(others)})." if others else ".")
+            )
         self._paths = [self.image_path_for(s) for s in self._ids]
         missing = [p for p in self._paths if not p.is_file()]
         if missing:

@@ -28,6 +28,14 @@ continues exactly), final.pth (weights + config) and final_official.pth.tar (off
 train_log.csv (losses per iteration), tensorboard/, eval/iter_<N>.json|md. Every checkpoint loads with
 invpt-export --ckpt, invpt-eval --ckpt and invpt.load_model.
 
+the --out folder: a run never writes into a folder where one of these names holds a file invpt-train did not write
+(refused before any work; move the file or choose another --out). A new run (no --resume) needs a folder without an
+earlier run's outputs: one with a checkpoint is continued with --resume, and the logs and reports of a run that
+stopped before its first checkpoint are refused, never appended to (delete them or choose another --out); a new run
+never mixes with an earlier run's files. A run that fails or is interrupted before its first checkpoint (bad data,
+the loss diverged, Ctrl-C) removes what it wrote, and the folders it created, so the same command can simply be run
+again; after a checkpoint, a failed run keeps its outputs for --resume. Other files in --out are never touched.
+
 exit codes: 0 done; 2 bad input (data, config, output folder, resume checkpoint) or the loss became NaN/Inf (the
 last good checkpoint is kept); 4 a library failed: re-run with -v for its traceback.
 """
@@ -63,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     o = p.add_argument_group("Output and checkpoints")
     o.add_argument("--out", default=None,
                    help="output folder (default runs/<config name>; with --resume PATH, the checkpoint's folder), "
-                   "e.g. --out runs/pascal. A folder holding another run is refused unless --resume")
+                   "e.g. --out runs/pascal. A folder holding another run is refused unless --resume, and one holding files "
+                   "named like the outputs that invpt-train did not write is always refused (see below)")
     o.add_argument("--resume", nargs="?", const=RESUME_LAST, default=None, metavar="CKPT",
                    help="continue a run: without a value from --out/last.pth, or from the given last.pth / "
                    "ckpt_<iter>.pth; model, optimizer, schedule, iteration, data order and RNG states are restored")

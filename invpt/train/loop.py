@@ -2,8 +2,10 @@
 
 One call trains (or resumes) one run in ``opts.out_dir``:
 
-1. check the output folder (before anything heavy): not a file, not inside the data, no earlier run there unless
-   resuming;
+1. check the output folder (before anything heavy): not a file, not inside the data, no file under an output's name
+   that invpt-train did not write (:func:`written_by_invpt_train` recognises its own by content), and for a new run
+   no earlier run's outputs at all (a checkpoint needs --resume; a log or reports without one are refused, never
+   appended to);
 2. build the model from the config (or the resumed checkpoint's config), load ``--backbone-weights`` into its ViT;
 3. Adam and the per-iteration poly schedule; restore model, optimizer, schedule, position and RNG states on resume;
 4. the train split through a seeded :class:`~invpt.train.distributed.ResumableSampler` (DistributedSampler order,
@@ -15,6 +17,10 @@ One call trains (or resumes) one run in ``opts.out_dir``:
 7. checkpoints by rank 0, atomically: ``ckpt_<N>.pth`` and ``last.pth`` (weights, config, optimizer, schedule,
    iteration, epoch, position in the epoch, every process's RNG states), and at the end ``final.pth`` (weights and
    config) and ``final_official.pth.tar`` (the official ``{'model': {'module.'+key}}`` layout).
+
+A run that fails (or is interrupted) before its first checkpoint removes what it wrote and the folders it created
+(:meth:`Trainer.run`): nothing would resume it, and a later run would otherwise meet its log. After a checkpoint a
+failed run keeps its outputs for ``--resume``.
 
 Checkpoints are in invpt's own checkpoint format, so ``invpt.load_model``, ``invpt-export --ckpt`` and
 ``invpt-eval --ckpt`` read them directly (the training state rides along under ``train_state`` and is ignored there).
@@ -51,7 +57,8 @@ from invpt.train.distributed import (
     init_distributed,
     wrap_model,
 )
-from invpt.train.options import RESUME_LAST, TRAJECTORY_OPTIONS, TrainOptions
+from invpt.train.logging_utils import LOG_NAME
+from invpt.train.options import RESUME_LAST, TRAJECTORY_OPTIONS, TrainOptions, suggest_lower_lr
 
 _logger = logging.getLogger("invpt.train")
 
@@ -59,6 +66,10 @@ LAST_NAME = "last.pth"
 FINAL_NAME = "final.pth"
 OFFICIAL_NAME = "final_official.pth.tar"
 CKPT_PATTERN = re.compile(r"^ckpt_(\d+)\.pth$")
+EVAL_DIR = "eval"
+EVAL_PATTERN = re.compile(r"^iter_\d+\.(json|md)$")
+TB_DIR = "tensorboard"
+TB_EVENTS_PREFIX = "events.out.tfevents."
 TRAIN_STATE_VERSION = 1
 
 
@@ -93,8 +104,80 @@ def ckpt_name(iteration: int) -> str:
     return f"ckpt_{iteration:06d}.pth"
 
 
+def run_outputs(out: Path) -> list[Path]:
+    """What in ``out`` bears the name of something a run writes there: ``last.pth``, ``ckpt_<N>.pth``,
+    ``final.pth``, ``final_official.pth.tar``, ``train_log.csv``, ``eval/iter_<N>.json|md`` and TensorBoard event
+    files (an ``eval`` or ``tensorboard`` that is not a folder counts too: the run would write there)."""
+    found = []
+    for p in _listdir(out):
+        name = p.name
+        if name in (LAST_NAME, FINAL_NAME, OFFICIAL_NAME, LOG_NAME) or CKPT_PATTERN.match(name):
+            found.append(p)
+        elif name in (EVAL_DIR, TB_DIR) and not p.is_dir():
+            found.append(p)
+        elif name == EVAL_DIR:
+            found += [q for q in _listdir(p) if EVAL_PATTERN.match(q.name)]
+        elif name == TB_DIR:
+            found += [q for q in _listdir(p) if q.name.startswith(TB_EVENTS_PREFIX)]
+    return sorted(found)
+
+
+def _pickle_of(path: Path) -> bytes:
+    """The pickle (structure, no tensor data) of a PyTorch zip checkpoint; b"" for anything else."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = [n for n in zf.namelist() if n == "data.pkl" or n.endswith("/data.pkl")]
+            return zf.read(names[0]) if names else b""
+    except (OSError, zipfile.BadZipFile, KeyError, ValueError):
+        return b""
+
+
+def written_by_invpt_train(path: Path) -> bool:
+    """Whether ``path`` (one of :func:`run_outputs`) is what invpt-train writes under that name, recognised by its
+    content: checkpoints in invpt's format (``last.pth`` / ``ckpt_<N>.pth`` with a ``train_state``), the official
+    layout (``final_official.pth.tar``: ``model`` with ``module.`` keys), the CSV log's header, evaluation reports
+    titled "Evaluation at iteration N", TensorBoard event files."""
+    from invpt.train.logging_utils import BASE_COLUMNS
+
+    name = path.name
+    try:
+        if not path.is_file():
+            return False
+        if name == LOG_NAME:
+            with open(path, encoding="utf-8", newline="") as f:
+                return f.readline().startswith(",".join(BASE_COLUMNS) + ",total")
+        if name == LAST_NAME or CKPT_PATTERN.match(name):
+            pkl = _pickle_of(path)
+            return all(k in pkl for k in (b"format_version", b"state_dict", b"train_state"))
+        if name == FINAL_NAME:
+            pkl = _pickle_of(path)
+            return b"format_version" in pkl and b"state_dict" in pkl
+        if name == OFFICIAL_NAME:
+            pkl = _pickle_of(path)
+            return b"model" in pkl and b"module." in pkl
+        if path.parent.name == EVAL_DIR and name.endswith(".json"):
+            import json
+
+            obj = json.loads(path.read_text(encoding="utf-8"))
+            return isinstance(obj, dict) and str(obj.get("title", "")).startswith("Evaluation at iteration")
+        if path.parent.name == EVAL_DIR and name.endswith(".md"):
+            with open(path, encoding="utf-8") as f:
+                return "Evaluation at iteration" in f.readline()
+        return path.parent.name == TB_DIR and name.startswith(TB_EVENTS_PREFIX)
+    except (OSError, ValueError):  # unreadable, not UTF-8, not JSON: not ours
+        return False
+
+
+def _names(out: Path, paths: list[Path], most: int = 6) -> str:
+    names = [str(p.relative_to(out)) for p in paths]
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
 def check_out_dir(opts: TrainOptions) -> Path:
-    """Refuse, before any work, an output folder that is a file, lies inside the data, or holds another run."""
+    """Refuse, before any work, an output folder that is a file, lies inside the data, holds files named like this
+    run's outputs that invpt-train did not write, or (for a new run) holds an earlier run's outputs."""
     out = opts.out_dir
     if out.exists() and not out.is_dir():
         raise InputError(f"--out '{out}' is an existing file; training writes a folder (checkpoints, logs, reports). "
@@ -103,11 +186,24 @@ def check_out_dir(opts: TrainOptions) -> Path:
         raise InputError(f"--out '{out}' lies inside the data folder '{opts.data_root}'; invpt never writes into its "
                          "inputs. Pass a folder outside the dataset, e.g. runs/pascal.")
     check_output_dir(out, "--out", "Choose a writable location, e.g. runs/pascal.")
-    last = out / LAST_NAME
-    if opts.resume is None and (last.exists() or any(CKPT_PATTERN.match(p.name) for p in _listdir(out))):
+    found = run_outputs(out)
+    foreign = [p for p in found if not written_by_invpt_train(p)]
+    if foreign:
         raise InputError(
-            f"--out '{out}' already holds a training run ({LAST_NAME} or ckpt_*.pth); a new run would overwrite it. "
-            f"Pass --resume to continue it, or choose a new --out folder."
+            f"--out '{out}' holds {_names(out, foreign)}, which invpt-train did not write, under the name(s) this run "
+            f"writes its outputs to; invpt never replaces files it did not make. Move them out of the folder, or "
+            f"choose another --out folder (a new or empty one)."
+        )
+    if opts.resume is None and found:
+        if any(p.name == LAST_NAME or CKPT_PATTERN.match(p.name) for p in found):
+            raise InputError(
+                f"--out '{out}' already holds a training run ({LAST_NAME} or ckpt_*.pth); a new run would overwrite "
+                f"it. Pass --resume to continue it, or choose a new --out folder."
+            )
+        raise InputError(
+            f"--out '{out}' holds outputs of an earlier invpt-train run that stopped before its first checkpoint "
+            f"({_names(out, found)}); there is nothing to resume, and a new run never mixes with an earlier run's logs "
+            f"and reports. Delete these files to start afresh in this folder, or choose a new --out folder."
         )
     return out
 
@@ -353,11 +449,14 @@ class Trainer:
         self.tb = None
         self.val_dataset = None
         self.evaluator = None
+        self.resume_path: Optional[Path] = None
+        self.checkpointed = False
 
     # -- setup ---------------------------------------------------------------------------------------------
     def setup(self) -> None:
         opts, ctx = self.opts, self.ctx
         check_out_dir(opts)
+        ctx.barrier()  # every process has checked the folder before rank 0 writes into it (train_log.csv)
         if opts.bf16:
             check_bf16(ctx.device)
         self.resume_path = resolve_resume(opts)
@@ -543,14 +642,21 @@ class Trainer:
 
     def _diverged(self, values: Mapping[str, float]) -> None:
         bad = ", ".join(f"{k} {v}" for k, v in values.items() if not math.isfinite(v))
-        last = self.opts.out_dir / LAST_NAME
-        kept = (f"The last good checkpoint is '{last}'" if last.exists() else
-                "No checkpoint was written yet (lower --checkpoint-every to keep more)")
+        opts = self.opts
+        last = opts.out_dir / LAST_NAME
+        lr = f"--lr {suggest_lower_lr(opts.lr):g}{' and without --bf16' if opts.bf16 else ''}"
+        if last.exists():
+            advice = (f"The last good checkpoint is '{last}'. Continue from it with a lower learning rate "
+                      f"(--resume {lr})")
+        elif self.resume_path is not None:
+            advice = (f"No checkpoint of this run was written to '{opts.out_dir}' yet. Continue from the resumed "
+                      f"checkpoint with a lower learning rate (--resume {self.resume_path} {lr})")
+        else:
+            advice = (f"No checkpoint was written yet, so there is nothing to resume (the run's partial outputs are "
+                      f"removed). Start the run again with a lower learning rate ({lr})")
         raise TrainingDivergedError(
             f"Training diverged at iteration {self.iteration + 1}: the loss is not finite ({bad}); the step was not "
-            f"applied. {kept}. Lower the learning rate (e.g. --lr {self.opts.lr / 2:g})"
-            f"{', train without --bf16' if self.opts.bf16 else ''} and continue with --resume, or check the labels "
-            "of this run's data."
+            f"applied. {advice}, or check the labels of this run's data."
         )
 
     def train_mode(self) -> None:
@@ -618,6 +724,7 @@ class Trainer:
             path = opts.out_dir / ckpt_name(self.iteration)
             _save(obj, path)
             _link_or_copy_atomic(path, opts.out_dir / LAST_NAME)
+            self.checkpointed = True  # from here on the run is resumable: a failure keeps its outputs
             self._prune_checkpoints()
             if final:
                 from invpt.checkpoint import save_checkpoint, save_official_checkpoint
@@ -636,6 +743,58 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------------------------
     def run(self) -> TrainResult:
+        """Train; a run that fails before its first checkpoint removes what it wrote (see :meth:`_remove_partial`)."""
+        self._note_existing_outputs()
+        try:
+            return self._run()
+        except BaseException:
+            for log in (self.csv, self.tb):
+                if log is not None:
+                    log.close()
+            if self.ctx.is_main and not self.checkpointed:
+                self._remove_partial()
+            raise
+
+    def _note_existing_outputs(self) -> None:
+        """Remember what of the output folder exists before the run writes anything."""
+        out = self.opts.out_dir
+        self._outputs_before = set(run_outputs(out))
+        self._dirs_before = {d for d in (out / EVAL_DIR, out / TB_DIR) if os.path.lexists(d)}
+        top = None  # the outermost folder of the --out path this run creates (None: --out exists)
+        p = Path(os.path.abspath(out))
+        while not os.path.lexists(p) and p != p.parent:
+            top, p = p, p.parent
+        self._created_top = top
+
+    def _remove_partial(self) -> None:
+        """Remove what this run wrote (nothing that existed before it): a run that failed before its first checkpoint
+        cannot be resumed, and its log, reports and TensorBoard events would only be misread by a later run (or
+        refused by it). Folders this run created go too, when empty."""
+        out = self.opts.out_dir
+        removed = []
+        try:
+            for p in run_outputs(out):
+                if p not in self._outputs_before and p.is_file():
+                    p.unlink()
+                    removed.append(p)
+            dirs = [d for d in (out / EVAL_DIR, out / TB_DIR) if d not in self._dirs_before]
+            if self._created_top is not None:
+                p = Path(os.path.abspath(out))
+                dirs.append(p)
+                while p != self._created_top and p != p.parent:
+                    p = p.parent
+                    dirs.append(p)
+            for d in dirs:
+                if d.is_dir() and not any(d.iterdir()):
+                    d.rmdir()
+        except OSError as err:
+            _logger.warning("could not remove the partial outputs of the failed run in %s (%s)", out, err)
+            return
+        if removed:
+            _logger.info("removed the partial outputs of the failed run (no checkpoint was written): %s",
+                         _names(out, removed))
+
+    def _run(self) -> TrainResult:
         from invpt.train.logging_utils import Progress
 
         opts, ctx = self.opts, self.ctx

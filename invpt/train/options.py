@@ -22,6 +22,15 @@ TensorBoardMode = Literal["auto", "on", "off"]
 #: ``resume`` value meaning "the last.pth of the output folder".
 RESUME_LAST = "last"
 
+#: The official recipe's Adam learning rate (the ``--lr`` default).
+DEFAULT_LR = 2e-5
+
+
+def suggest_lower_lr(lr: float) -> float:
+    """A learning rate to retry with after the loss diverged at ``lr``: half of it, or the official default where
+    ``lr`` is far (100x or more) above that default (halving 1e30 would still diverge)."""
+    return DEFAULT_LR if lr >= 100 * DEFAULT_LR else lr / 2
+
 
 @dataclass(frozen=True)
 class TrainOptions:
@@ -66,7 +75,7 @@ class TrainOptions:
     resume: Optional[str] = None
     max_iter: int = 40000
     batch: int = 2
-    lr: float = 2e-5
+    lr: float = DEFAULT_LR
     weight_decay: float = 1e-6
     poly_power: float = 0.9
     eval_every: int = 5000
