@@ -206,3 +206,16 @@ def copy_artifact(tmp_path):
         return copy_artifact_to(artifact, tmp_path / sub, with_manifest)
 
     return _copy
+
+
+@pytest.fixture()
+def no_load(monkeypatch):
+    """Fail the test if a checkpoint is loaded (or a model built): a command's checks of its inputs and outputs must
+    all come before that."""
+    import invpt
+
+    def _fail(*a, **k):
+        raise AssertionError("the model was loaded before the command's input and output checks finished")
+
+    monkeypatch.setattr(invpt, "load_model", _fail)
+    monkeypatch.setattr(invpt, "build_model", _fail)

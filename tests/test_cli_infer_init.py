@@ -57,16 +57,6 @@ def _assert_complete(folder: Path, size_hw: tuple[int, int], raw: bool = False) 
             assert arr.shape[-2:] == size_hw and np.isfinite(arr).all()
 
 
-@pytest.fixture()
-def no_load(monkeypatch):
-    """Fail the test if the checkpoint is loaded (or a model built): input checks must come first."""
-    def _fail(*a, **k):
-        raise AssertionError("the model was loaded before the inputs were validated")
-
-    monkeypatch.setattr(invpt, "load_model", _fail)
-    monkeypatch.setattr(invpt, "build_model", _fail)
-
-
 # ---- ids and outputs ------------------------------------------------------------------------------------------
 
 def test_same_name_in_two_subfolders_gives_two_outputs(tiny_pascal_official_ckpt, tmp_path, capsys):

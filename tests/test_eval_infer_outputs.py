@@ -26,16 +26,6 @@ def pascal_data(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture()
-def no_load(monkeypatch):
-    """Fail the test if the checkpoint is loaded (or a model built): output checks must come first."""
-    def _fail(*a, **k):
-        raise AssertionError("the model was loaded before the outputs were checked")
-
-    monkeypatch.setattr(invpt, "load_model", _fail)
-    monkeypatch.setattr(invpt, "build_model", _fail)
-
-
 def _eval(ckpt: Path, data: Path, out: Path) -> int:
     return eval_main(["--ckpt", str(ckpt), "--data", str(data), "--out", str(out), "--batch", "1", "--workers", "0",
                       "--device", "cpu", "-q"])
