@@ -355,8 +355,9 @@ class RangeCache:
 
         if not self._ranges:
             fill(warm_plan())
+        cached = set(self._ranges)  # after the warm-up: what this plan finds measured (now or before)
         fill(plan)
-        served = len(plan.tensors) - (self.measured - measured_before)
+        served = sum(key(plan, t) in cached for t in plan.tensors) if measured_before else 0
         self.served += served
         if served:
             _logger.info("INT8 ranges of %d tensor(s) reused from this run's earlier measurement", served)

@@ -168,6 +168,49 @@ def test_range_cache_serves_the_models_quantize_int8_writes_alone(tiny_dynamic, 
     assert not cache_dir.exists()  # removed with the cache
 
 
+def test_range_cache_bookkeeping(tmp_path):
+    """What the cache measures and serves, with a stand-in for the measuring step: the warm-up plan is measured once
+    (more tensors than the first plan needs: measured, none 'reused'), later plans are served, a tensor whose concat
+    group differs is measured again, and the counts are never negative."""
+    from types import SimpleNamespace
+
+    from onnxruntime.quantization.calibrate import CalibrationMethod
+
+    from invpt.calib.int8 import RangeCache
+    from invpt.calib.ranges import QuantPlan
+
+    from onnxruntime.quantization.calibrate import TensorsData
+
+    calls = []
+
+    def measure(p):  # measurement k gives tensor number i the range (-k, 10 k + i): which one served is visible
+        calls.append(list(p.tensors))
+        k = len(calls)
+        data = TensorsData(CalibrationMethod.MinMax, {t: (np.float32(-k), np.float32(10 * k + i))
+                                                      for i, t in enumerate(p.tensors)})
+        return data, SimpleNamespace(sessions=1, steps=2, seconds=0.0)
+
+    def got(data) -> dict:
+        return {t: tuple(float(v) for v in d.range_value) for t, d in data.data.items()}
+
+    g = frozenset({"a", "b"})
+    warm = QuantPlan(nodes=["n1", "n2", "n3"], tensors=["a", "b", "c"], groups={"a": g, "b": g})
+    first = QuantPlan(nodes=["n3"], tensors=["c"])
+    regrouped = QuantPlan(nodes=["n1"], tensors=["a"])  # "a" alone: its own range, not the group's
+    with RangeCache(tmp_path / "c") as cache:
+        data, info = cache.ranges_for(first, measure, lambda: warm)
+        assert calls == [["a", "b", "c"]] and got(data) == {"c": (-1.0, 12.0)}
+        assert (info["tensors"], info["measured"], info["reused"], info["sessions"]) == (1, 3, 0, 1)
+        data, info = cache.ranges_for(QuantPlan(nodes=["n1", "n2"], tensors=["a", "b"], groups={"a": g, "b": g}),
+                                      measure, lambda: warm)
+        assert len(calls) == 1 and got(data) == {"a": (-1.0, 10.0), "b": (-1.0, 11.0)}
+        assert (info["measured"], info["reused"], info["sessions"]) == (0, 2, 0)
+        data, info = cache.ranges_for(regrouped, measure, lambda: warm)
+        assert calls[-1] == ["a"] and got(data) == {"a": (-2.0, 20.0)}
+        assert (info["measured"], info["reused"], info["sessions"]) == (1, 0, 1)
+        assert (cache.sessions, cache.measured, cache.served) == (2, 4, 2)
+
+
 def test_modelopt_asking_for_other_ranges_is_a_tool_error(prepared, calib, tmp_path):
     """Never ranges for other tensors: if ModelOpt's node choice differs from the plan, the calibrator refuses."""
     from dataclasses import replace
