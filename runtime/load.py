@@ -187,14 +187,13 @@ def check_against_model(artifact: Artifact, cfg: Any, ckpt: Path) -> list[str]:
 
 
 def available_memory_bytes() -> Optional[int]:
-    """Memory the kernel says a new allocation can get without swapping (``MemAvailable``), or None if unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
+    """Memory a new allocation can get without swapping: the core's ``MemAvailable`` reading
+    (:func:`invpt.preflight.mem_available_bytes`), else (no /proc/meminfo) the free physical pages, or None."""
+    from invpt.preflight import mem_available_bytes
+
+    avail = mem_available_bytes()
+    if avail is not None:
+        return avail
     try:
         return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
     except (ValueError, OSError, AttributeError):
