@@ -58,3 +58,17 @@ def photo_crops(root: Path, per_folder: int = 6, subfolders: tuple[str, ...] = (
             y, x = rng.integers(0, img.shape[0] - size), rng.integers(0, img.shape[1] - size)
             assert cv2.imwrite(str(root / sub / f"crop{i}.png"), img[y:y + size, x:x + size])
     return root
+
+
+def write_test_image(path: Path, value: int = 90, h: int = 40, w: int = 56) -> Path:
+    """A small two-tone RGB image (red channel ``value``, green in the top half) written as ``path`` (its format from
+    the suffix); folders are created."""
+    import cv2
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rgb = np.zeros((h, w, 3), np.uint8)
+    rgb[..., 0] = value
+    rgb[: h // 2, :, 1] = 255 - value
+    assert cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    return path

@@ -20,6 +20,17 @@ def _files(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
 
 
+@pytest.fixture
+def no_export(monkeypatch):
+    """Fail the test if invpt-deploy reaches its export (seconds of tracing): its checks must all come before it."""
+    import invpt.export.pipeline as pipeline
+
+    def never(*a, **k):
+        raise AssertionError("invpt-deploy exported before its checks refused the run")
+
+    monkeypatch.setattr(pipeline, "run_export", never)
+
+
 # ---- invpt-trt-build -----------------------------------------------------------------------------------------------
 def test_trt_build_refuses_an_unverifiable_precision_onnx_left_beside_the_input(pascal_onnx, copy_artifact, capsys):
     """T25: a leftover m.fp16.onnx without a manifest: refused as a file invpt will not overwrite (was: 'export the
@@ -179,17 +190,12 @@ def test_parity_and_bench_rerun_into_their_own_report_folder(tiny_pascal_officia
     ("--warmup", "-1", "fp32"),  # D14
     ("--holdout-samples", "0", "fp32,fp16"),  # D15
 ])
-def test_deploy_checks_every_count_before_the_export(tiny_pascal_official_ckpt, tmp_path, capsys, monkeypatch,
+def test_deploy_checks_every_count_before_the_export(tiny_pascal_official_ckpt, tmp_path, capsys, no_export,
                                                      flag, value, precision):
     """D08-D15: these were refused only after the export (and D08/D14 after the parity report), leaving ck.onnx,
     its manifest and parity/ in --out."""
-    import invpt.export.pipeline as pipeline
     from invpt.runtime.deploy_cli import main
 
-    def never(*a, **k):
-        raise AssertionError("exported before the flags were checked")
-
-    monkeypatch.setattr(pipeline, "run_export", never)
     out = tmp_path / "d"
     assert main(["--ckpt", str(tiny_pascal_official_ckpt), "--out", str(out), "--precision", precision,
                  "--no-engines", flag, value]) == 2
@@ -222,16 +228,11 @@ def test_deploy_refuses_a_batch_that_cannot_fit_before_quantizing(tiny_pascal_of
 
 @pytest.mark.parametrize("case", ["user_summary", "out_is_data"])
 def test_deploy_report_folder_never_lands_on_files_it_did_not_make(tiny_pascal_official_ckpt, tmp_path, capsys,
-                                                                   monkeypatch, case):
+                                                                   no_export, case):
     """D08: a folder holding the user's summary.md had it overwritten; D24: --out equal to --data wrote every artifact
     and report among the images (both exit 0). Both are refused before the export."""
-    import invpt.export.pipeline as pipeline
     from invpt.runtime.deploy_cli import main
 
-    def never(*a, **k):
-        raise AssertionError("exported before the report folder was checked")
-
-    monkeypatch.setattr(pipeline, "run_export", never)
     out = tmp_path / "d"
     out.mkdir()
     data = tmp_path / "imgs"
@@ -251,18 +252,13 @@ def test_deploy_report_folder_never_lands_on_files_it_did_not_make(tiny_pascal_o
 
 def test_deploy_never_presents_another_checkpoint_as_the_embedded_default(tiny_nyud_official_ckpt,
                                                                          tiny_pascal_official_ckpt, tmp_path, capsys,
-                                                                         monkeypatch):
+                                                                         no_export):
     """D07: without --ckpt, a NYUD checkpoint found at OUT/tiny_pascal.pth was deployed as 'the embedded tiny_pascal
     model' (exit 0, a NYUD ONNX named tiny_pascal.onnx, parity PASS). A checkpoint of the default's architecture is
     still used as it is (a rerun of the demo)."""
-    import invpt.export.pipeline as pipeline
     from invpt.runtime.deploy import default_checkpoint
     from invpt.runtime.deploy_cli import main
 
-    def never(*a, **k):
-        raise AssertionError("exported from a checkpoint that is not the embedded default")
-
-    monkeypatch.setattr(pipeline, "run_export", never)
     out = tmp_path / "d"
     out.mkdir()
     shutil.copyfile(tiny_nyud_official_ckpt, out / "tiny_pascal.pth")
@@ -294,15 +290,10 @@ def test_deploy_refuses_to_reuse_a_static_batch_onnx(tiny_pascal_official_ckpt, 
 
 @pytest.mark.parametrize("flag", ["--data", "--calib-data"])
 def test_deploy_refuses_an_empty_image_folder_before_the_export(tiny_pascal_official_ckpt, tmp_path, capsys,
-                                                                monkeypatch, flag):
+                                                                no_export, flag):
     """D20/D22: an empty --data / --calib-data folder was found only after the export (its files left in --out)."""
-    import invpt.export.pipeline as pipeline
     from invpt.runtime.deploy_cli import main
 
-    def never(*a, **k):
-        raise AssertionError("exported before the image folders were checked")
-
-    monkeypatch.setattr(pipeline, "run_export", never)
     (tmp_path / "empty").mkdir()
     out = tmp_path / "d"
     precision = "fp32,int8" if flag == "--calib-data" else "fp32"

@@ -9,6 +9,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+
+from tests.helpers import write_test_image
 import torch
 
 import invpt
@@ -16,15 +18,6 @@ from invpt.cli.infer import main as infer_main
 from invpt.cli.init import main as init_main
 
 PASCAL_LABEL_TASKS = ("semseg", "human_parts")
-
-
-def _write_image(path: Path, value: int, h: int = 40, w: int = 56) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rgb = np.zeros((h, w, 3), np.uint8)
-    rgb[..., 0] = value
-    rgb[: h // 2, :, 1] = 255 - value
-    assert cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-    return path
 
 
 def _tree(root: Path) -> dict[str, bytes]:
@@ -61,8 +54,8 @@ def _assert_complete(folder: Path, size_hw: tuple[int, int], raw: bool = False) 
 
 def test_same_name_in_two_subfolders_gives_two_outputs(tiny_pascal_official_ckpt, tmp_path, capsys):
     src = tmp_path / "photos"
-    _write_image(src / "a" / "x.jpg", 30)
-    _write_image(src / "b" / "x.jpg", 200, h=48, w=32)
+    write_test_image(src / "a" / "x.jpg", 30)
+    write_test_image(src / "b" / "x.jpg", 200, h=48, w=32)
     before = _tree(src)
     out = tmp_path / "preds"
     assert infer_main(["--ckpt", str(tiny_pascal_official_ckpt), str(src), "--out", str(out), "--save-raw"]) == 0
@@ -76,7 +69,7 @@ def test_same_name_in_two_subfolders_gives_two_outputs(tiny_pascal_official_ckpt
 
 
 def test_outputs_get_the_normal_file_mode(tiny_pascal_official_ckpt, tmp_path):
-    _write_image(tmp_path / "in" / "x.png", 10)
+    write_test_image(tmp_path / "in" / "x.png", 10)
     old = os.umask(0o022)
     try:
         assert infer_main(["--ckpt", str(tiny_pascal_official_ckpt), str(tmp_path / "in" / "x.png"),
@@ -90,9 +83,9 @@ def test_outputs_get_the_normal_file_mode(tiny_pascal_official_ckpt, tmp_path):
 
 def test_one_corrupt_image_is_skipped_and_reported(tiny_pascal_official_ckpt, tmp_path, capsys):
     src = tmp_path / "in"
-    _write_image(src / "good1.png", 20)
+    write_test_image(src / "good1.png", 20)
     (src / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 definitely not a whole JPEG")
-    _write_image(src / "sub" / "good2.jpg", 220)
+    write_test_image(src / "sub" / "good2.jpg", 220)
     before = _tree(src)
     out = tmp_path / "out"
     assert infer_main(["--ckpt", str(tiny_pascal_official_ckpt), str(src), "--out", str(out)]) == 2
@@ -124,28 +117,28 @@ def test_empty_input_folder_is_refused_before_loading(no_load, tiny_pascal_offic
 
 @pytest.mark.parametrize("tasks", ["", "semseg,bogus"])
 def test_bad_tasks_are_refused_before_loading(no_load, tiny_pascal_official_ckpt, tmp_path, tasks, capsys):
-    _write_image(tmp_path / "in" / "x.png", 1)
+    write_test_image(tmp_path / "in" / "x.png", 1)
     assert infer_main(["--ckpt", str(tiny_pascal_official_ckpt), str(tmp_path / "in"), "--out", str(tmp_path / "o"),
                        "--tasks", tasks]) == 2
     assert "--tasks" in capsys.readouterr().err and not (tmp_path / "o").exists()
 
 
 def test_tasks_not_in_the_given_config_are_refused_before_loading(no_load, tiny_pascal_official_ckpt, tmp_path, capsys):
-    _write_image(tmp_path / "in" / "x.png", 1)
+    write_test_image(tmp_path / "in" / "x.png", 1)
     assert infer_main(["--ckpt", str(tiny_pascal_official_ckpt), "--config", "tiny_pascal", str(tmp_path / "in"),
                        "--out", str(tmp_path / "o"), "--tasks", "depth"]) == 2  # a NYUD task
     assert "depth" in capsys.readouterr().err
 
 
 def test_missing_checkpoint_is_refused_before_reading_images(no_load, tmp_path, capsys):
-    _write_image(tmp_path / "in" / "x.png", 1)
+    write_test_image(tmp_path / "in" / "x.png", 1)
     assert infer_main(["--ckpt", str(tmp_path), str(tmp_path / "in"), "--out", str(tmp_path / "o")]) == 2
     assert "is a directory" in capsys.readouterr().err
 
 
 def test_out_inside_the_input_folder_is_refused(no_load, tiny_pascal_official_ckpt, tmp_path, capsys):
     src = tmp_path / "in"
-    _write_image(src / "x.png", 1)
+    write_test_image(src / "x.png", 1)
     before = _tree(src)
     for out in (src / "preds", src):
         assert infer_main(["--ckpt", str(tiny_pascal_official_ckpt), str(src), "--out", str(out)]) == 2
@@ -154,7 +147,7 @@ def test_out_inside_the_input_folder_is_refused(no_load, tiny_pascal_official_ck
 
 
 def test_out_that_is_an_input_file_is_refused(no_load, tiny_pascal_official_ckpt, tmp_path, capsys):
-    img = _write_image(tmp_path / "x.png", 1)
+    img = write_test_image(tmp_path / "x.png", 1)
     before = img.read_bytes()
     assert infer_main(["--ckpt", str(tiny_pascal_official_ckpt), str(img), "--out", str(img)]) == 2
     assert "is the input file" in capsys.readouterr().err
@@ -163,7 +156,7 @@ def test_out_that_is_an_input_file_is_refused(no_load, tiny_pascal_official_ckpt
 
 def test_out_symlinked_into_an_input_folder_is_refused(tiny_pascal_official_ckpt, tmp_path, capsys):
     src = tmp_path / "in"
-    _write_image(src / "x.png", 1)
+    write_test_image(src / "x.png", 1)
     out = tmp_path / "out"
     out.mkdir()
     (out / "x").symlink_to(src, target_is_directory=True)  # out/x/overview.png would land in the input folder
@@ -182,7 +175,7 @@ def test_unusable_device_is_refused_before_loading(no_load, monkeypatch, tiny_pa
                                                    device, patch, expect):
     for name, value in (patch or {}).items():
         monkeypatch.setattr(torch.cuda, name, lambda v=value: v)
-    _write_image(tmp_path / "in" / "x.png", 1)
+    write_test_image(tmp_path / "in" / "x.png", 1)
     assert infer_main(["--ckpt", str(tiny_pascal_official_ckpt), str(tmp_path / "in"), "--out", str(tmp_path / "o"),
                        "--device", device]) == 2
     err = capsys.readouterr().err
@@ -195,7 +188,7 @@ def test_nonfinite_checkpoint_fails_infer_with_exit_2(tiny_pascal, tmp_path, cap
     sd["heads.semseg.linear_pred.bias"][3] = float("nan")
     ckpt = tmp_path / "nan.pth"
     torch.save({"model": {"module." + k: v for k, v in sd.items()}}, ckpt)
-    _write_image(tmp_path / "in" / "x.png", 1)
+    write_test_image(tmp_path / "in" / "x.png", 1)
     assert infer_main(["--ckpt", str(ckpt), str(tmp_path / "in"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "non-finite" in err and "heads.semseg.linear_pred.bias" in err
@@ -203,7 +196,7 @@ def test_nonfinite_checkpoint_fails_infer_with_exit_2(tiny_pascal, tmp_path, cap
 
 
 def test_random_init_with_ckpt_is_refused(no_load, tiny_pascal_official_ckpt, tmp_path):
-    _write_image(tmp_path / "in" / "x.png", 1)
+    write_test_image(tmp_path / "in" / "x.png", 1)
     assert infer_main(["--config", "tiny_pascal", "--random-init", "--ckpt", str(tiny_pascal_official_ckpt),
                        str(tmp_path / "in"), "--out", str(tmp_path / "o")]) == 2
 
@@ -224,8 +217,8 @@ def test_letterbox_writes_outputs_at_the_original_size(tiny_pascal_official_ckpt
     from invpt.data.transforms import preprocess, read_image, restore_geometry
 
     src = tmp_path / "in"
-    _write_image(src / "wide.png", 60, h=150, w=300)
-    _write_image(src / "tall.jpg", 140, h=260, w=90)
+    write_test_image(src / "wide.png", 60, h=150, w=300)
+    write_test_image(src / "tall.jpg", 140, h=260, w=90)
     before = _tree(src)
     out = tmp_path / "o"
     assert infer_main(["--ckpt", str(tiny_pascal_official_ckpt), str(src), "--out", str(out), "--mode", "letterbox",
@@ -253,7 +246,7 @@ def test_letterbox_writes_outputs_at_the_original_size(tiny_pascal_official_ckpt
 
 
 def test_letterbox_equals_pad_for_an_image_that_fits(tiny_pascal_official_ckpt, tmp_path):
-    img = _write_image(tmp_path / "in" / "x.png", 90, h=100, w=70)
+    img = write_test_image(tmp_path / "in" / "x.png", 90, h=100, w=70)
     outs = {}
     for mode in ("pad", "letterbox"):
         assert infer_main(["--ckpt", str(tiny_pascal_official_ckpt), str(img), "--out", str(tmp_path / mode),
@@ -277,7 +270,7 @@ def test_help_explains_when_to_choose_each_mode(capsys):
 
 
 def test_unknown_mode_is_refused(no_load, tiny_pascal_official_ckpt, tmp_path, capsys):
-    _write_image(tmp_path / "in" / "x.png", 1)
+    write_test_image(tmp_path / "in" / "x.png", 1)
     with pytest.raises(SystemExit) as exc:
         infer_main(["--ckpt", str(tiny_pascal_official_ckpt), str(tmp_path / "in"), "--out", str(tmp_path / "o"),
                     "--mode", "fit"])

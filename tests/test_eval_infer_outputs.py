@@ -7,14 +7,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import cv2
-import numpy as np
 import pytest
 
 import invpt
 from invpt.cli.infer import main as infer_main
 from invpt.train.eval_cli import main as eval_main
-from tests.helpers import tree_digest
+from tests.helpers import tree_digest, write_test_image
 
 
 @pytest.fixture(scope="module")
@@ -29,15 +27,6 @@ def pascal_data(tmp_path_factory) -> Path:
 def _eval(ckpt: Path, data: Path, out: Path) -> int:
     return eval_main(["--ckpt", str(ckpt), "--data", str(data), "--out", str(out), "--batch", "1", "--workers", "0",
                       "--device", "cpu", "-q"])
-
-
-def _image(path: Path, value: int = 90, h: int = 40, w: int = 56) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rgb = np.zeros((h, w, 3), np.uint8)
-    rgb[..., 0] = value
-    rgb[: h // 2, :, 1] = 255 - value
-    assert cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-    return path
 
 
 def _infer(ckpt: Path, src: Path, out: Path, *extra: str) -> int:
@@ -102,7 +91,7 @@ def test_eval_rerun_replaces_its_own_report_and_an_older_one_without_schema(tiny
 def test_infer_refuses_to_replace_a_users_file_in_an_image_folder(no_load, tiny_pascal_official_ckpt, tmp_path,
                                                                   capsys, name):
     """--out inf_user, where inf_user/<id>/overview.png is the user's: it was overwritten (exit 0)."""
-    src = _image(tmp_path / "in" / "astronaut.png")
+    src = write_test_image(tmp_path / "in" / "astronaut.png")
     out = tmp_path / "inf_user"
     (out / "astronaut").mkdir(parents=True)
     (out / "astronaut" / name).write_bytes(b"the user's own file")
@@ -114,7 +103,7 @@ def test_infer_refuses_to_replace_a_users_file_in_an_image_folder(no_load, tiny_
 
 
 def test_infer_refuses_a_users_infer_json(no_load, tiny_pascal_official_ckpt, tmp_path, capsys):
-    src = _image(tmp_path / "in" / "x.png")
+    src = write_test_image(tmp_path / "in" / "x.png")
     out = tmp_path / "o"
     out.mkdir()
     (out / "infer.json").write_text('{"mine": true}\n')
@@ -126,7 +115,7 @@ def test_infer_refuses_a_users_infer_json(no_load, tiny_pascal_official_ckpt, tm
 
 
 def test_infer_rerun_into_its_own_output_folder(tiny_pascal_official_ckpt, tmp_path, capsys):
-    src = _image(tmp_path / "in" / "x.png")
+    src = write_test_image(tmp_path / "in" / "x.png")
     out = tmp_path / "o"
     assert _infer(tiny_pascal_official_ckpt, src, out) == 0
     record = json.loads((out / "infer.json").read_text())
@@ -146,7 +135,7 @@ def test_infer_rerun_into_its_own_output_folder(tiny_pascal_official_ckpt, tmp_p
 
 def test_infer_refuses_its_own_output_edited_since(tiny_pascal_official_ckpt, tmp_path, capsys, monkeypatch):
     """A file invpt-infer wrote and the user then changed holds the user's work: not replaced either."""
-    src = _image(tmp_path / "in" / "x.png")
+    src = write_test_image(tmp_path / "in" / "x.png")
     out = tmp_path / "o"
     assert _infer(tiny_pascal_official_ckpt, src, out) == 0
     (out / "x" / "semseg.png").write_bytes(b"annotated by hand")
@@ -164,7 +153,7 @@ def test_infer_refuses_its_own_output_edited_since(tiny_pascal_official_ckpt, tm
 
 
 def test_infer_refuses_a_users_file_where_an_image_folder_goes(no_load, tiny_pascal_official_ckpt, tmp_path, capsys):
-    src = _image(tmp_path / "in" / "x.png")
+    src = write_test_image(tmp_path / "in" / "x.png")
     out = tmp_path / "o"
     out.mkdir()
     (out / "x").write_bytes(b"the user's file named like the image")
